@@ -1,0 +1,26 @@
+"""Which keys a query sees: causal by array index, same packed segment, and optionally within a window.
+
+Causality is by index, not by `positions`, so packed documents (positions restarting) stay causal; the segment
+test keeps them apart. A window of w means a query sees itself and the w - 1 tokens before it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def visible(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array, k_segment: jax.Array,
+            window: int | None = None) -> jax.Array:
+    """q_index [t], k_index [s], q_segment [b, t], k_segment [b, s] -> bool [b, t, s]."""
+    delta = q_index[:, None] - k_index[None, :]
+    allowed = delta >= 0
+    if window is not None:
+        allowed = allowed & (delta < window)
+    return allowed[None] & (q_segment[:, :, None] == k_segment[:, None, :])
+
+
+def full(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
+    """The whole [b, t, t] mask, for the dense reference path."""
+    index = jnp.arange(segment_ids.shape[1])
+    return visible(index, index, segment_ids, segment_ids, window)

@@ -1,0 +1,1 @@
+"""Building blocks shared by every family: parameters with logical axes, RMSNorm, RoPE (+YaRN), embedding, MLP."""

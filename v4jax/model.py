@@ -1,0 +1,302 @@
+"""The transformer: embed -> prefix layers -> scanned repeating unit -> suffix layers -> norm -> head (+ MTP).
+
+Legend: b batch, t time, d model, v vocab, e experts.
+The pattern's explicit layer list is split into an unrolled prefix, a unit repeated `repeats` times (its parameters
+stacked on a leading `layers` axis and run with `lax.scan`) and an unrolled suffix, chosen to compile the fewest
+distinct layers, so compile time follows the unit, not the depth. Modules are used functionally: `init` returns an
+`nnx.State`, `apply` merges it with a cached graph definition inside the caller's trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from v4jax import attention
+from v4jax.config import AttentionKind, LayerSpec, MlpKind, ModelConfig
+from v4jax.layers.linear import Embed, Head, fill_random, param, read
+from v4jax.layers.mlp import MLP
+from v4jax.layers.norm import RMSNorm
+from v4jax.moe.moe import MoE
+from v4jax.sharding import Axis, constrain, get_rules, state_shardings
+
+ACTIVATION = (Axis.BATCH, Axis.SEQ, Axis.EMBED)
+# vmap-stacked variables gain a leading `layers` entry in their `logical_axes` (Flax's own sharding key is unused).
+STACKED = {nnx.PARTITION_NAME: Axis.LAYERS.value, "logical_axes": Axis.LAYERS.value}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layout: which layers are unrolled and which are scanned
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    prefix: int  # layers [0, prefix) unrolled
+    unit: int  # then `repeats` copies of a `unit`-layer block, scanned
+    repeats: int
+    suffix: int  # then the last `suffix` layers unrolled
+
+    def locate(self, layer: int) -> tuple[str, int, int]:
+        """Layer index -> (group, repeat, position): ("prefix", 0, i), ("unit", r, j) or ("suffix", 0, i)."""
+        scanned_end = self.prefix + self.unit * self.repeats
+        if layer < self.prefix:
+            return "prefix", 0, layer
+        if layer < scanned_end:
+            repeat, position = divmod(layer - self.prefix, self.unit)
+            return "unit", repeat, position
+        return "suffix", 0, layer - scanned_end
+
+
+def find_layout(specs: tuple[LayerSpec, ...], scan: bool = True) -> Layout:
+    """The prefix / repeated unit / suffix split with the fewest distinct layers to compile (ties: shorter unit)."""
+    n = len(specs)
+    best = Layout(prefix=n, unit=0, repeats=0, suffix=0)
+    if not scan:
+        return best
+    best_cost = n
+    for unit in range(1, n // 2 + 1):
+        for start in range(0, n - 2 * unit + 1):
+            block = specs[start:start + unit]
+            repeats = 1
+            while specs[start + repeats * unit:start + (repeats + 1) * unit] == block:
+                repeats += 1
+            if repeats < 2:
+                continue
+            suffix = n - start - repeats * unit
+            cost = start + unit + suffix
+            if cost < best_cost:
+                best, best_cost = Layout(start, unit, repeats, suffix), cost
+    return best
+
+
+def layout(cfg: ModelConfig) -> Layout:
+    return find_layout(cfg.layers, cfg.scan_layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modules
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs):
+        eps, std = cfg.rms_norm_eps, cfg.initializer_range
+        self.attn_norm = RMSNorm(cfg.hidden_size, Axis.EMBED, eps=eps, rngs=rngs)
+        self.attn = attention.make(cfg, spec.attention, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, Axis.EMBED, eps=eps, rngs=rngs)
+        self.mlp = MoE(cfg, rngs) if spec.mlp is MlpKind.MOE else MLP(cfg.hidden_size, cfg.intermediate_size,
+                                                                       std=std, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids):
+        with jax.named_scope("attention"):
+            x = constrain(x + self.attn(self.attn_norm(x), positions, segment_ids), ACTIVATION)
+        with jax.named_scope("mlp"):
+            out = self.mlp(self.mlp_norm(x))
+            out, stats = out if isinstance(out, tuple) else (out, None)
+            return constrain(x + out, ACTIVATION), stats
+
+
+class Unit(nnx.Module):
+    """One repetition of the pattern's repeating unit."""
+
+    def __init__(self, cfg: ModelConfig, specs: tuple[LayerSpec, ...], rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(cfg, spec, rngs) for spec in specs])
+
+    def __call__(self, x, positions, segment_ids):
+        stats = []
+        for block in self.blocks:
+            x, block_stats = block(x, positions, segment_ids)
+            stats.append(block_stats)
+        return x, tuple(stats)
+
+
+def _stacked_unit(cfg: ModelConfig, specs: tuple[LayerSpec, ...], repeats: int, rngs: nnx.Rngs) -> Unit | None:
+    """`repeats` independently initialised copies of the unit, stacked on a leading `layers` axis."""
+    if not repeats:
+        return None
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=STACKED)
+    def stacked(unit_rngs):
+        return Unit(cfg, specs, unit_rngs)
+
+    return stacked(rngs.split(repeats))
+
+
+class MTP(nnx.Module):
+    """DeepSeek-V3 multi-token prediction (depth 1): from h_t and the embedding of token t+1, predict token t+2."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        eps, d = cfg.rms_norm_eps, cfg.hidden_size
+        self.embed_norm = RMSNorm(d, Axis.EMBED, eps=eps, rngs=rngs)
+        self.hidden_norm = RMSNorm(d, Axis.EMBED, eps=eps, rngs=rngs)
+        self.proj = param(rngs, (2 * d, d), (None, Axis.EMBED), std=cfg.initializer_range)
+        self.block = Block(cfg, LayerSpec(AttentionKind.FULL, cfg.mlp_kind(cfg.num_hidden_layers)), rngs)
+        self.norm = RMSNorm(d, Axis.EMBED, eps=eps, rngs=rngs)
+
+    def __call__(self, hidden, next_embedding, positions, segment_ids):
+        joined = jnp.concatenate([self.embed_norm(next_embedding), self.hidden_norm(hidden)], axis=-1)
+        x = jnp.einsum("btc,cd->btd", joined, read(self.proj, hidden.dtype))
+        x, stats = self.block(x, positions, segment_ids)
+        return self.norm(x), stats
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        specs, lay, std = cfg.layers, layout(cfg), cfg.initializer_range
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, std=std, rngs=rngs)
+        self.prefix = nnx.List([Block(cfg, specs[i], rngs) for i in range(lay.prefix)])
+        self.unit = _stacked_unit(cfg, specs[lay.prefix:lay.prefix + lay.unit], lay.repeats, rngs)
+        self.suffix = nnx.List([Block(cfg, specs[i], rngs) for i in range(cfg.num_hidden_layers - lay.suffix,
+                                                                            cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, Axis.EMBED, eps=cfg.rms_norm_eps, rngs=rngs)
+        self.head = None if cfg.tie_word_embeddings else Head(cfg.hidden_size, cfg.vocab_size, std=std, rngs=rngs)
+        self.mtp = MTP(cfg, rngs) if cfg.num_nextn_predict_layers else None
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        if self.head is None:
+            return jnp.einsum("btd,vd->btv", h, read(self.embed.embedding, h.dtype),
+                              preferred_element_type=jnp.float32)
+        return self.head(h)
+
+    def __call__(self, tokens, positions, segment_ids) -> ModelOutput:
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = constrain(self.embed(tokens, dtype), ACTIVATION)
+        stats = []
+        for group in self.groups():
+            with jax.named_scope(group[0]):
+                x, group_stats = group[1](x, positions, segment_ids)
+            stats.extend(group_stats)
+        logits = self.logits(self.norm(x))
+        mtp_logits = None
+        if self.mtp is not None:
+            with jax.named_scope("mtp"):
+                next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+                h, mtp_stats = self.mtp(x, self.embed(next_tokens, dtype), positions, segment_ids)
+                mtp_logits = self.logits(h)
+                stats.append(mtp_stats)
+        moe = [s for s in stats if s is not None]
+        return ModelOutput(
+            logits=logits, mtp_logits=mtp_logits,
+            expert_load=jnp.stack([s["expert_load"] for s in moe]) if moe else None,
+            dropped_fraction=jnp.stack([s["dropped_fraction"] for s in moe]) if moe else None,
+        )
+
+    def groups(self):
+        """(name, fn) pairs in layer order; each fn maps (x, positions, segment_ids) -> (x, per-layer stats list)."""
+        def unrolled(blocks):
+            def run(x, positions, segment_ids):
+                stats = []
+                for block in blocks:
+                    x, block_stats = block(x, positions, segment_ids)
+                    stats.append(block_stats)
+                return x, stats
+            return run
+
+        yield "prefix", unrolled(self.prefix)
+        if self.unit is not None:
+            yield "scanned_unit", self.scan_unit
+        yield "suffix", unrolled(self.suffix)
+
+    def scan_unit(self, x, positions, segment_ids):
+        graphdef, stacked = nnx.split(self.unit)
+
+        def body(x, unit_state):
+            return nnx.merge(graphdef, unit_state)(x, positions, segment_ids)
+
+        x, stats = jax.lax.scan(body, x, stacked)  # stats: per block, leaves stacked over repeats
+        repeats = jax.tree.leaves(stacked)[0].shape[0]
+        # Back to layer order: repeat-major, then position in the unit.
+        return x, [jax.tree.map(lambda a: a[r], block_stats) for r in range(repeats) for block_stats in stats]
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # float32 [b, t, v]
+    mtp_logits: jax.Array | None  # float32 [b, t, v]: position t predicts token t+2
+    expert_load: jax.Array | None  # float32 [moe layers (+ MTP), e]: routed assignments per expert
+    dropped_fraction: jax.Array | None  # float32 [moe layers (+ MTP)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# functional API
+
+
+def _build(cfg: ModelConfig, key) -> Transformer:
+    return Transformer(cfg, nnx.Rngs(params=key))
+
+
+@functools.lru_cache(maxsize=64)
+def graphdef(cfg: ModelConfig) -> nnx.GraphDef:
+    return nnx.split(nnx.eval_shape(lambda: _build(cfg, jax.random.key(0))))[0]
+
+
+def abstract(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rules=None) -> nnx.State:
+    """Shapes, dtypes and (with a mesh) shardings of every parameter, allocating nothing."""
+    state = nnx.split(nnx.eval_shape(lambda: _build(cfg, jax.random.key(0))))[1]
+    if mesh is None:
+        return state
+    shardings = state_shardings(state, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+
+def init(cfg: ModelConfig, key: jax.Array, mesh: jax.sharding.Mesh | None = None, rules=None) -> nnx.State:
+    """Random parameters, created directly in their shardings when a mesh is given (nothing is gathered)."""
+    if mesh is None:
+        return _init_fn(cfg, None, None)(key)
+    rules_key = tuple(sorted(get_rules(rules).items()))
+    with jax.set_mesh(mesh):
+        return _init_fn(cfg, mesh, rules_key)(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(cfg: ModelConfig, mesh, rules_key):
+    """One compiled initialiser per (config, mesh, rules)."""
+    shardings = None if mesh is None else state_shardings(abstract(cfg), mesh, dict(rules_key))
+    return jax.jit(lambda key: fill_random(abstract(cfg), key), out_shardings=shardings)
+
+
+def apply(cfg: ModelConfig, params: nnx.State, tokens: jax.Array, *, positions: jax.Array | None = None,
+          segment_ids: jax.Array | None = None) -> ModelOutput:
+    """The full forward pass (traceable; call inside your own jit). tokens int32 [b, t]."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int [batch, time], got shape {tokens.shape}")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
+    model = nnx.merge(graphdef(cfg), params)
+    return model(tokens, positions, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, positions, segment_ids):
+    return apply(cfg, params, tokens, positions=positions, segment_ids=segment_ids).logits
+
+
+def forward(cfg: ModelConfig, params: nnx.State, tokens: jax.Array, *, positions=None, segment_ids=None):
+    """Logits float32 [b, t, vocab] for int32 tokens [b, t]; jitted, runs under the current mesh."""
+    return _forward(cfg, params, jnp.asarray(tokens, jnp.int32), positions, segment_ids)
+
+
+def param_counts(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]:
+    """(total, active) parameters from `abstract` (nothing allocated).
+
+    Active = what one token uses: everything but the embedding table (a lookup) and the routed experts it is not
+    sent to (k of E). Non-trainable state (router bias) is not counted.
+    """
+    total = active = 0
+    for path, variable in nnx.to_flat_state(abstract(cfg)):
+        if not isinstance(variable, nnx.Param) or (path[0] == "mtp" and not include_mtp):
+            continue
+        size = variable.size
+        total += size
+        if path[:2] == ("embed", "embedding"):
+            continue
+        active += size * cfg.num_experts_per_tok // cfg.n_routed_experts if "experts" in path else size
+    return total, active
