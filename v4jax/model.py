@@ -300,3 +300,50 @@ def param_counts(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]
             continue
         active += size * cfg.num_experts_per_tok // cfg.n_routed_experts if "experts" in path else size
     return total, active
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-layer views (checkpoint conversion, scanned <-> unscanned)
+
+
+def split_layers(cfg: ModelConfig, params: nnx.State) -> tuple[dict, list[dict]]:
+    """Params -> (everything but the layers, one pure dict of arrays per layer in depth order)."""
+    pure = nnx.to_pure_dict(params)
+    lay = layout(cfg)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        group, repeat, position = lay.locate(i)
+        if group == "unit":
+            layers.append(jax.tree.map(lambda a: a[repeat], pure["unit"]["blocks"][position]))
+        else:
+            layers.append(pure[group][position])
+    rest = {k: v for k, v in pure.items() if k not in ("prefix", "unit", "suffix")}
+    return rest, layers
+
+
+def merge_layers(cfg: ModelConfig, rest: dict, layers: list[dict], mesh=None, rules=None) -> nnx.State:
+    """The inverse of `split_layers` for any `cfg` with the same layer kinds (e.g. scanned <-> unscanned)."""
+    if len(layers) != cfg.num_hidden_layers:
+        raise ValueError(f"expected {cfg.num_hidden_layers} layers, got {len(layers)}")
+    lay = layout(cfg)
+    pure = dict(rest)
+    groups = {"prefix": range(lay.prefix), "suffix": range(cfg.num_hidden_layers - lay.suffix,
+                                                            cfg.num_hidden_layers)}
+    for group, indices in groups.items():
+        if indices:
+            pure[group] = {position: layers[i] for position, i in enumerate(indices)}
+    if lay.repeats:
+        pure["unit"] = {"blocks": {
+            j: jax.tree.map(lambda *a: jnp.stack(a), *[layers[lay.prefix + r * lay.unit + j]
+                                                       for r in range(lay.repeats)])
+            for j in range(lay.unit)}}
+    state = abstract(cfg)
+    nnx.replace_by_pure_dict(state, pure)
+    return place(state, mesh, rules)
+
+
+def place(state: nnx.State, mesh=None, rules=None) -> nnx.State:
+    """Host or device arrays -> device arrays in the shardings the rules give (default device without a mesh)."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, state)
+    return jax.device_put(state, state_shardings(state, mesh, rules))

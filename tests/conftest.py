@@ -1,0 +1,31 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported), fp32 matmuls, shared tiny fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from v4jax import config, model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_v3():
+    cfg = config.preset("tiny-v3")
+    return cfg, model.init(cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid():
+    cfg = config.preset("tiny-hybrid")
+    return cfg, model.init(cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    return jax.random.randint(jax.random.key(1), (4, 40), 0, 512)
