@@ -287,8 +287,8 @@ def forward(cfg: ModelConfig, params: nnx.State, tokens: jax.Array, *, positions
 def param_counts(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]:
     """(total, active) parameters from `abstract` (nothing allocated).
 
-    Active = what one token uses: everything but the embedding table (a lookup) and the routed experts it is not
-    sent to (k of E). Non-trainable state (router bias) is not counted.
+    Active = what one token uses: everything but the embedding table (a lookup, unless tied to the head) and the
+    routed experts it is not sent to (k of E). Non-trainable state (router bias) is not counted.
     """
     total = active = 0
     for path, variable in nnx.to_flat_state(abstract(cfg)):
@@ -296,8 +296,8 @@ def param_counts(cfg: ModelConfig, include_mtp: bool = False) -> tuple[int, int]
             continue
         size = variable.size
         total += size
-        if path[:2] == ("embed", "embedding"):
-            continue
+        if path[:2] == ("embed", "embedding") and not cfg.tie_word_embeddings:
+            continue  # a lookup; when tied it is also the output head, which every token multiplies by
         active += size * cfg.num_experts_per_tok // cfg.n_routed_experts if "experts" in path else size
     return total, active
 

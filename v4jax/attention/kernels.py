@@ -103,7 +103,9 @@ def banded(q, k, v, segment_ids, scale: float, window: int, block: int) -> jax.A
         v_i = jax.lax.dynamic_slice_in_dim(vp, start, width, axis=1)
         seg_k = jax.lax.dynamic_slice_in_dim(segp, start, width, axis=1)
         key_index = start - reach + jnp.arange(width)
-        visible = masks.visible(start + jnp.arange(block), key_index, seg_i, seg_k, window)[:, None]
+        # The left pad (negative key index) is invisible whatever segment id a query carries.
+        visible = masks.visible(start + jnp.arange(block), key_index, seg_i, seg_k, window) & (key_index >= 0)
+        visible = visible[:, None]
         scores = jnp.einsum("btnh,bsnh->bnts", q_i, k_i, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
         probs = jnp.where(visible, probs, 0.0)
