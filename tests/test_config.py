@@ -227,3 +227,35 @@ def test_direct_construction_validates():
     assert ModelConfig(**fields) == base
     with pytest.raises(ValueError, match=r"ModelConfig\.pattern\b"):
         ModelConfig(**(fields | dict(pattern="MM")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSeek-V4 fields
+
+
+@pytest.mark.parametrize("name, layers, pattern", [
+    ("deepseek-v4-flash", 43, "WW" + "CH" * 20 + "C"),
+    ("deepseek-v4-pro", 61, "HH" + "CH" * 29 + "C"),
+    ("tiny-v4", 7, "WWCHCHC"),
+])
+def test_v4_presets_have_the_released_patterns(name, layers, pattern):
+    cfg = preset(name)
+    assert cfg.num_hidden_layers == layers and cfg.explicit_pattern == pattern
+    assert [spec.mlp for spec in cfg.layers[:4]] == [MlpKind.HASH] * 3 + [MlpKind.MOE]
+    assert cfg.mtp_attention is AttentionKind.WINDOW and cfg.mlp_kind(layers) is MlpKind.MOE
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(head_dim=0), "head_dim"),
+    (dict(o_groups=3), "o_groups"),
+    (dict(o_lora_rank=0), "o_lora_rank"),
+    (dict(index_topk=0), "index_topk"),
+    (dict(csa_compress_ratio=0), "csa_compress_ratio"),
+    (dict(hc_mult=0), "hc_mult"),
+    (dict(swiglu_limit=-1.0), "swiglu_limit"),
+    (dict(q_lora_rank=None), "q_lora_rank"),
+    (dict(qk_rope_head_dim=64), "qk_rope_head_dim"),
+])
+def test_v4_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+        preset("tiny-v4", **overrides)

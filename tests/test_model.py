@@ -367,3 +367,63 @@ def test_tied_embedding_counts_as_active_head():
     table = cfg.vocab_size * cfg.hidden_size
     assert tied[0] == untied[0] - table  # no separate head
     assert tied[1] == untied[1]  # the table replaces the head among what a token multiplies by
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSeek-V4 (W / C / H attention, mHC streams, hash routing, V4 MTP)
+
+
+@pytest.fixture(scope="module")
+def tiny_v4():
+    from v4jax import config
+
+    cfg = config.preset("tiny-v4")
+    return cfg, model.init(cfg, jax.random.key(0))
+
+
+@pytest.mark.parametrize("name, total, active, total_tol, active_tol", [
+    ("deepseek-v4-flash", 284e9, 13e9, 0.01, 0.03),
+    ("deepseek-v4-pro", 1.6e12, 49e9, 0.02, 0.03),
+])
+def test_v4_param_counts_match_published(name, total, active, total_tol, active_tol):
+    from v4jax import config
+
+    got_total, got_active = model.param_counts(config.preset(name))
+    assert abs(got_total - total) / total < total_tol, got_total
+    assert abs(got_active - active) / active < active_tol, got_active
+
+
+def test_v4_flash_scanned_unit_is_found_automatically():
+    from v4jax import config
+
+    lay = model.layout(config.preset("deepseek-v4-flash"))
+    # layers 0-2 are hash-routed (W, W, C), then [H C] x 20 with learned routing
+    assert (lay.prefix, lay.unit, lay.repeats, lay.suffix) == (3, 2, 20, 0)
+
+
+def test_v4_fast_path_equals_reference_and_sharded_equals_single(tiny_v4):
+    from v4jax import config, sharding
+
+    cfg, params = tiny_v4
+    tokens = jax.random.randint(jax.random.key(7), (4, 48), 0, cfg.vocab_size)
+    single = model.apply(cfg, params, tokens)
+    reference = jax.jit(lambda p, t: model.apply(cfg.replace(attention_impl="reference", moe_impl="dense"), p, t))(
+        params, tokens)
+    np.testing.assert_allclose(single.logits, reference.logits, atol=2e-5)
+    np.testing.assert_allclose(single.mtp_logits, reference.mtp_logits, atol=2e-5)
+    mesh = sharding.make_mesh(data=2, expert=2, tensor=2)
+    sharded_params = model.init(cfg, jax.random.key(0), mesh=mesh)
+    with jax.set_mesh(mesh):
+        sharded = model.forward(cfg, sharded_params, tokens)
+    np.testing.assert_allclose(sharded, single.logits, atol=2e-5)
+    assert single.expert_load.shape == (cfg.num_hidden_layers + 1, cfg.n_routed_experts)
+    assert config.preset("tiny-v4").hc_mult == 4
+
+
+def test_v4_hash_layers_route_by_token_id(tiny_v4):
+    """Hash layers pick experts from the frozen table: the same token always reaches the same experts."""
+    cfg, params = tiny_v4
+    tokens = jnp.full((1, 16), 7, jnp.int32)
+    load = model.apply(cfg, params, tokens).expert_load
+    for layer in range(cfg.first_hash_layers):
+        assert int((load[layer] > 0).sum()) == cfg.num_experts_per_tok

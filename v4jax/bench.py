@@ -1,11 +1,13 @@
-"""Forward-pass benchmarks: whole-model tokens/s and the cost of full (`M`) vs sliding-window (`S`) MLA layers.
+"""Forward-pass benchmarks: whole-model tokens/s, the cost of full (`M`) vs sliding-window (`S`) MLA layers, and
+how one layer of each attention kind (M, S, W, C, H) grows with the sequence length.
 
 Legend: b batch, t time, d model, n heads, w window.
-`forward(cfg, seq=...)` returns a JSON-able dict; `markdown(result)` renders it. Every timing is the median of
-`repeats` runs of an ahead-of-time compiled function after one untimed warm-up run, each ended by
-`block_until_ready`; compile time is measured separately. Per-layer times come from one MLA layer built and jitted
-on its own (projections + kernel), so they isolate `kernels.blockwise` (M) from `kernels.banded` (S). Timings are
-noisy on shared machines: compare ratios from the same run, not absolute numbers across runs.
+`forward(cfg, seq=...)` and `attention(cfg, kinds, seqs)` return JSON-able dicts; `markdown(result)` and
+`attention_markdown(result)` render them. Every timing is the median of `repeats` runs of an ahead-of-time compiled
+function after one untimed warm-up run, each ended by `block_until_ready`; compile time is measured separately.
+Per-layer times come from one attention layer (`attention.make`) built and jitted on its own (projections +
+kernel), so they isolate `kernels.blockwise` (M) from `kernels.banded` (S) and `kernels.v4_blockwise` (W, C, H).
+Timings are noisy on shared machines: compare ratios from the same run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax import model
-from v4jax.attention.mla import MLA
+from v4jax.attention import make as make_attention
 from v4jax.config import AttentionKind, ModelConfig
 from v4jax.layers.linear import fill_random
 
@@ -50,15 +52,25 @@ def compile_timed(fn, *args):
     return compiled, time.perf_counter() - start
 
 
-def median_seconds(compiled, *args, repeats: int) -> float:
-    """Median wall time of `repeats` calls after one untimed warm-up call."""
+def run_seconds(compiled, *args, repeats: int, budget_s: float | None = None) -> list[float]:
+    """Wall times of `repeats` calls after one untimed warm-up call. With `budget_s`, fewer calls (at least one)
+    when the warm-up shows that `repeats` of them would take longer than that."""
+    start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
+    warm_up = time.perf_counter() - start
+    if budget_s is not None and warm_up * repeats > budget_s:
+        repeats = max(1, int(budget_s // warm_up))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(compiled, *args, repeats: int) -> float:
+    """Median wall time of `repeats` calls after one untimed warm-up call."""
+    return statistics.median(run_seconds(compiled, *args, repeats=repeats))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,23 +97,25 @@ def time_model(cfg: ModelConfig, seq: int, batch: int, repeats: int, progress: P
     return {"compile_s": compile_s, "step_s": step_s, "tokens_per_s": batch * seq / step_s}
 
 
-def _layer(cfg: ModelConfig, kind: AttentionKind) -> MLA:
-    return MLA(cfg, window=None if kind is AttentionKind.FULL else cfg.sliding_window, rngs=nnx.Rngs(0))
+def _layer(cfg: ModelConfig, kind: AttentionKind) -> nnx.Module:
+    return make_attention(cfg, kind, nnx.Rngs(0))
 
 
-def layer_params(cfg: ModelConfig, key: jax.Array) -> nnx.State:
-    """Random parameters of one MLA layer, the same for M and S (the window is static, not state).
+def layer_params(cfg: ModelConfig, key: jax.Array, kind: AttentionKind = AttentionKind.FULL) -> nnx.State:
+    """Random parameters of one attention layer of `kind`. M and S share theirs (the window is static, not
+    state); W, C and H each have their own (C adds the indexer, C and H a compressor).
 
     Filled by the model's own jitted `fill_random`: one threefry kernel, where building the layer eagerly
     compiles one per parameter shape (seconds each on a busy CPU).
     """
-    abstract = nnx.state(nnx.eval_shape(lambda: _layer(cfg, AttentionKind.FULL)))
+    abstract = nnx.state(nnx.eval_shape(lambda: _layer(cfg, kind)))
     return jax.jit(lambda k: fill_random(abstract, k))(key)
 
 
 def time_layer(cfg: ModelConfig, kind: AttentionKind, seq: int, batch: int, repeats: int,
-               params: nnx.State, progress: Progress = None) -> dict:
-    """One MLA layer of `kind` on x [b, t, d]: compile s and median step s."""
+               params: nnx.State, progress: Progress = None, budget_s: float | None = None) -> dict:
+    """One attention layer of `kind` on x [b, t, d]: compile s, median step s and the repeats timed (fewer than
+    `repeats` when they would take longer than `budget_s`, see `run_seconds`)."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: _layer(cfg, kind)))
     x = _inputs((batch, seq, cfg.hidden_size), 2, dtype=cfg.dtype)
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -109,9 +123,10 @@ def time_layer(cfg: ModelConfig, kind: AttentionKind, seq: int, batch: int, repe
     args = (params, x, positions, segment_ids)
     _say(progress, f"compiling one {kind.value} layer (batch {batch}, seq {seq})...")
     compiled, compile_s = compile_timed(lambda s, *rest: nnx.merge(graphdef, s)(*rest), *args)
-    _say(progress, f"timing one {kind.value} layer ({repeats} repeats)...")
-    return {"kind": kind.value, "seq": seq, "compile_s": compile_s,
-            "step_s": median_seconds(compiled, *args, repeats=repeats)}
+    _say(progress, f"timing one {kind.value} layer (seq {seq}, {repeats} repeats, compiled in {compile_s:.1f} s)...")
+    times = run_seconds(compiled, *args, repeats=repeats, budget_s=budget_s)
+    return {"kind": kind.value, "seq": seq, "compile_s": compile_s, "step_s": statistics.median(times),
+            "repeats": len(times)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +205,171 @@ def forward(cfg: ModelConfig, *, seq: int, batch: int = 1, repeats: int = 5, lay
             "flops": flop_ratios(cfg, layer_seq),
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the attention-scaling benchmark: one layer of each kind at several lengths
+
+# V4's own window and compression ratios (deepseek-v4-flash), a top-k that is small next to 32K / 4 entries, and a
+# kernel block the size of the window: at 2K-32K tokens the window and the compressed entries then cost what they
+# would in a real model, where the tiny presets' 8-token window and ratio 16 would make every kind look alike.
+ATTENTION_SETTINGS = {"sliding_window": 128, "attention_block_size": 128, "csa_compress_ratio": 4,
+                      "hca_compress_ratio": 128, "index_topk": 64}
+# A timing that would spend longer than this on its repeats times fewer of them (at least one).
+ATTENTION_BUDGET_S = 60.0
+_V4_SIZES = ("head_dim", "o_lora_rank", "q_lora_rank")
+
+
+def parse_kinds(text: str) -> tuple[AttentionKind, ...]:
+    """`"M,S,W"` -> (FULL, SLIDING, WINDOW), duplicates dropped. ValueError naming the bad letter otherwise."""
+    kinds = []
+    for item in text.split(","):
+        letter = item.strip()
+        try:
+            kinds.append(AttentionKind(letter))
+        except ValueError:
+            known = ", ".join(f"{k.value} ({k.name.lower()})" for k in AttentionKind)
+            raise ValueError(f"unknown attention kind {letter!r} in {text!r}; known: {known}") from None
+    return tuple(dict.fromkeys(kinds))
+
+
+def attention_config(cfg: ModelConfig, kinds, **settings) -> ModelConfig:
+    """`cfg` able to build one layer of every kind in `kinds`, with `settings` (ModelConfig fields, such as
+    `ATTENTION_SETTINGS`) applied.
+
+    One config serves every kind, so the layers share the model width, heads, rope dims and window. M and S need MLA
+    sizes, which V4 presets (tiny-v4) lack: any of `kv_lora_rank`, `qk_nope_head_dim`, `v_head_dim` below 1 is
+    derived from the V4 entry width c = `head_dim`: kv_lora_rank = c (an MLA token then caches about what a V4
+    token does: c + rope dims vs c), qk_nope_head_dim = v_head_dim = c // 2. For tiny-v4 (c = 32) these are
+    tiny-v3's own 32, 16, 16. W, C and H need V4 sizes (`head_dim`, `o_lora_rank`, ...), which MLA presets lack:
+    those raise ValueError rather than guess. The pattern becomes `kinds` repeated over the layers, so the config's
+    own validation checks every size the kinds need; nothing in one layer reads the pattern.
+    """
+    kinds = tuple(AttentionKind(k) for k in kinds)
+    if not kinds:
+        raise ValueError("no attention kinds given")
+    changes = dict(settings)
+    if any(k in (AttentionKind.FULL, AttentionKind.SLIDING) for k in kinds):
+        width = cfg.head_dim
+        missing = [f for f in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim") if getattr(cfg, f) < 1]
+        if missing and width < 2:
+            raise ValueError(f"{cfg.name} has no MLA sizes ({', '.join(missing)}) and no V4 head_dim to derive "
+                             f"them from; M/S layers need an MLA or V4 preset")
+        derived = {"kv_lora_rank": width, "qk_nope_head_dim": width // 2, "v_head_dim": width // 2}
+        changes |= {f: derived[f] for f in missing}
+    if any(k.is_v4 for k in kinds):
+        missing = [f for f in _V4_SIZES if not getattr(cfg, f)]
+        if missing:
+            raise ValueError(f"{cfg.name} has no V4 attention sizes ({', '.join(missing)}); W/C/H layers need a "
+                             f"V4 preset such as tiny-v4")
+    layers = max(cfg.num_hidden_layers, len(kinds))
+    letters = "".join(k.value for k in kinds)
+    changes |= {"pattern": (letters * layers)[:layers], "num_hidden_layers": layers}
+    return cfg.replace(**changes)
+
+
+def _growth(short_s: float, long_s: float, short: int, long: int) -> dict:
+    """Time ratio between two lengths next to the ideal linear and quadratic ratios, and a verdict: linear-ish up
+    to 1.5x the linear ratio (6 for 4x the tokens), quadratic-ish from the geometric middle of linear and
+    quadratic (exponent 1.5: 8 for 4x), super-linear between."""
+    measured, linear = long_s / short_s, long / short
+    exponent = math.log(measured) / math.log(linear)
+    verdict = ("linear-ish" if measured <= 1.5 * linear else "quadratic-ish" if exponent >= 1.5
+               else "super-linear")
+    return {"from_seq": short, "to_seq": long, "measured": measured, "linear": linear, "quadratic": linear ** 2,
+            "exponent": exponent, "verdict": verdict}
+
+
+def attention(cfg: ModelConfig, kinds, seqs, batch: int = 1, repeats: int = 3, progress: Progress = None,
+              budget_s: float | None = ATTENTION_BUDGET_S) -> dict:
+    """Forward time of one layer of each kind in `kinds` (letters or AttentionKind) at each length in `seqs`.
+
+    `cfg` is used as given (window, block, ratios, top-k: see `attention_config` and `ATTENTION_SETTINGS` for the
+    CLI's) except for MLA sizes derived when M or S is asked for and `cfg` has none. Each kind gets its own random
+    parameters (M and S share theirs) and each (kind, length) its own compile, reported apart from the step time.
+    With two or more lengths, `growth` compares the two longest. Timings that would spend more than `budget_s`
+    on their repeats take fewer of them (`repeats` in each row says how many).
+    """
+    kinds = tuple(AttentionKind(k) for k in kinds)
+    seqs = sorted(set(seqs))
+    if not kinds:
+        raise ValueError("no attention kinds given")
+    if not seqs:
+        raise ValueError("no sequence lengths given")
+    for name, value in (("seq", min(seqs)), ("batch", batch), ("repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    cfg = attention_config(cfg, kinds)
+    if AttentionKind.HCA in kinds and min(seqs) < cfg.hca_compress_ratio:
+        # No complete block means no compressed entry: the kernel's max over zero entries has no identity.
+        raise ValueError(f"H layers need seq >= hca_compress_ratio ({cfg.hca_compress_ratio}), got {min(seqs)}")
+    rows = []
+    for i, kind in enumerate(kinds):
+        _say(progress, f"initialising one {kind.value} layer...")
+        params = layer_params(cfg, jax.random.key(3 + i), kind)
+        rows += [time_layer(cfg, kind, seq, batch, repeats, params, progress, budget_s) for seq in seqs]
+    step = {(row["kind"], row["seq"]): row["step_s"] for row in rows}
+    growth = {}
+    if len(seqs) > 1:
+        short, long = seqs[-2:]
+        growth = {k.value: _growth(step[(k.value, short)], step[(k.value, long)], short, long) for k in kinds}
+    fields = ("hidden_size", "num_attention_heads", "qk_rope_head_dim", "head_dim", "o_groups", "o_lora_rank",
+              "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim",
+              *ATTENTION_SETTINGS, "dtype")
+    return {
+        "config": cfg.name, "settings": {f: getattr(cfg, f) for f in fields}, "kinds": [k.value for k in kinds],
+        "seqs": seqs, "batch": batch, "repeats": repeats, "budget_s": budget_s, "backend": jax.default_backend(),
+        "devices": jax.device_count(), "layers": rows, "growth": growth,
+    }
+
+
+def attention_markdown(result: dict) -> str:
+    r, s = result, result["settings"]
+    seqs, kinds = r["seqs"], r["kinds"]
+    row = {(x["kind"], x["seq"]): x for x in r["layers"]}
+    header = (f"One attention layer per kind, {r['config']} sizes (hidden {s['hidden_size']}, {s['num_attention_heads']}"
+              f" heads, rope {s['qk_rope_head_dim']}, {s['dtype']}): window {s['sliding_window']}, block "
+              f"{s['attention_block_size']}")
+    if "C" in kinds:
+        header += (f", C ratio {s['csa_compress_ratio']} top-{s['index_topk']} (indexer {s['index_n_heads']} x "
+                   f"{s['index_head_dim']})")
+    if "H" in kinds:
+        header += f", H ratio {s['hca_compress_ratio']}"
+    if any(k in kinds for k in "WCH"):
+        header += f", V4 entry {s['head_dim']} (o groups {s['o_groups']} x rank {s['o_lora_rank']})"
+    if any(k in kinds for k in "MS"):
+        header += (f", MLA kv_lora {s['kv_lora_rank']} / nope {s['qk_nope_head_dim']} / v {s['v_head_dim']}")
+    out = [header + ".",
+           f"{r['backend']} x{r['devices']}, batch {r['batch']}, median of {r['repeats']} after a warm-up "
+           f"(compile excluded); ms per layer forward.", ""]
+    growth = r["growth"]
+    columns = [f"{t} ms" for t in seqs]
+    if growth:
+        short, long = seqs[-2:]
+        columns += [f"{long}/{short} time", "ideal linear / quadratic"]
+    body = []
+    for k in kinds:
+        cells = [k] + [f"{row[(k, t)]['step_s'] * 1e3:.1f}" + ("*" if row[(k, t)]["repeats"] < r["repeats"] else "")
+                       for t in seqs]
+        if growth:
+            g = growth[k]
+            cells += [f"{g['measured']:.2f}", f"{g['linear']:.0f} / {g['quadratic']:.0f}"]
+        body.append(cells)
+    out += _table(["kind", *columns], body)
+    if any(x["repeats"] < r["repeats"] for x in r["layers"]):
+        out += ["", f"Starred times had fewer repeats (their {r['repeats']} would have taken over {r['budget_s']:.0f} s): "
+                + ", ".join(f"{x['kind']} at {x['seq']}: {x['repeats']}" for x in r["layers"]
+                            if x["repeats"] < r["repeats"])]
+    if growth:
+        short, long = seqs[-2:]
+        out += ["", f"From {short} to {long} tokens ({long / short:g}x; linear-ish means at most "
+                    f"{1.5 * long / short:g}x the time):"]
+        out += [f"- {k}: {g['measured']:.2f}x the time, exponent {g['exponent']:.2f} -> {g['verdict']}"
+                for k, g in growth.items()]
+    out += ["", "Compile seconds (not in the times above):", ""]
+    out += _table(["kind", *(str(t) for t in seqs)],
+                  [[k, *(f"{row[(k, t)]['compile_s']:.1f}" for t in seqs)] for k in kinds])
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from v4jax import model
-from v4jax.config import AttentionKind, MlpKind, ModelConfig, RopeScaling
+from v4jax.config import AttentionKind, LayerSpec, MlpKind, ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v4")
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -98,9 +98,7 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}; v4jax.hf reads {SUPPORTED_MODEL_TYPES}")
+    """A deepseek_v3 config.json -> ModelConfig."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (DeepSeek uses silu)")
     if hf.get("attention_bias"):
@@ -177,6 +175,7 @@ class Rule:
     load: Callable[[np.ndarray], np.ndarray] = np.transpose  # HF -> ours
     save: Callable[[np.ndarray], np.ndarray] = np.transpose  # ours -> HF
     per_expert: bool = False
+    fused: tuple[str, int | None] | None = None  # transformers' fused experts tensor, and which half (gate/up)
 
 
 def _keep(a):
@@ -192,6 +191,15 @@ def _heads_in(n: int):
 def _heads_out(n: int):
     """[d, n*v] <-> [n, v, d]: the attention output projection."""
     return (lambda a: a.T.reshape(n, -1, a.shape[0]), lambda a: a.reshape(-1, a.shape[-1]).T)
+
+
+def fused_experts(prefix: str) -> dict[str, tuple[str, int | None]]:
+    """transformers' in-memory expert layout: gate_up_proj [E, 2f, d] (gate rows, then up) and down_proj [E, d, f]."""
+    return {"gate": (f"{prefix}experts.gate_up_proj", 0), "up": (f"{prefix}experts.gate_up_proj", 1),
+            "down": (f"{prefix}experts.down_proj", None)}
+
+
+FUSED_EXPERTS = {"mlp.": fused_experts("mlp."), "ffn.": fused_experts("ffn.")}
 
 
 def layer_rules(cfg: ModelConfig, mlp: MlpKind) -> list[Rule]:
@@ -215,8 +223,8 @@ def layer_rules(cfg: ModelConfig, mlp: MlpKind) -> list[Rule]:
         return rules + [Rule(("mlp", name), f"mlp.{name}_proj.weight") for name in ("gate", "up", "down")]
     rules += [Rule(("mlp", "router", "weight"), "mlp.gate.weight"),
               Rule(("mlp", "router", "bias"), "mlp.gate.e_score_correction_bias", _keep, _keep)]
-    rules += [Rule(("mlp", "experts", name), f"mlp.experts.{{e}}.{name}_proj.weight", per_expert=True)
-              for name in ("gate", "up", "down")]
+    rules += [Rule(("mlp", "experts", name), f"mlp.experts.{{e}}.{name}_proj.weight", per_expert=True,
+                   fused=FUSED_EXPERTS["mlp."][name]) for name in ("gate", "up", "down")]
     if cfg.n_shared_experts:
         rules += [Rule(("mlp", "shared", name), f"mlp.shared_experts.{name}_proj.weight")
                   for name in ("gate", "up", "down")]
@@ -246,22 +254,26 @@ def top_rules(cfg: ModelConfig) -> list[Rule]:
 
 
 class _Reader:
-    """Fetches HF tensors as float32 (dequantizing FP8, fixing the rope layout) and records missing ones."""
+    """Fetches HF tensors (float32, FP8 dequantized, rope layout fixed; integer tables as they are) by canonical
+    name, and records the missing ones."""
 
-    def __init__(self, folder: TensorFolder, hf_config: dict, cfg: ModelConfig):
+    def __init__(self, folder: TensorFolder, hf_config: dict, cfg: ModelConfig,
+                 canonical: Callable[[str], str] | None = None):
         self.folder, self.cfg, self.missing = folder, cfg, []
+        self.names = {(canonical or _keep)(name): name for name in folder.names()}
         quant = hf_config.get("quantization_config") or {}
         self.block = tuple(quant.get("weight_block_size", (128, 128)))
         self.half_layout_rope = not hf_config.get("rope_interleave", True)
 
     def tensor(self, name: str) -> np.ndarray | None:
-        if name not in self.folder:
+        if name not in self.names:
             self.missing.append(name)
             return None
-        array = self.folder.get(name)
-        scale = name.removesuffix(".weight") + ".weight_scale_inv"
-        array = dequantize_fp8(array, self.folder.get(scale), self.block) if scale in self.folder else (
-            np.asarray(array, np.float32))
+        array = self.folder.get(self.names[name])
+        if np.issubdtype(array.dtype, np.integer):
+            return np.asarray(array)
+        scale = self.names.get(name.removesuffix(".weight") + ".weight_scale_inv")
+        array = dequantize_fp8(array, self.folder.get(scale), self.block) if scale else np.asarray(array, np.float32)
         return self._interleave_rope(name, array) if self.half_layout_rope else array
 
     def _interleave_rope(self, name: str, weight: np.ndarray) -> np.ndarray:
@@ -288,14 +300,12 @@ class _Reader:
         return tree
 
     def _experts(self, rule: Rule, prefix: str) -> np.ndarray | None:
-        """Stacked [E, ...] from per-expert tensors (DeepSeek's files) or transformers' fused in-memory layout
-        (experts.gate_up_proj [E, 2f, d], experts.down_proj [E, d, f])."""
-        name = rule.path[-1]
-        fused = prefix + ("mlp.experts.down_proj" if name == "down" else "mlp.experts.gate_up_proj")
-        if fused in self.folder:
-            stacked = np.asarray(self.folder.get(fused), np.float32)
-            if name != "down":
-                stacked = np.split(stacked, 2, axis=1)[0 if name == "gate" else 1]
+        """Stacked [E, ...] from per-expert tensors (DeepSeek's files) or transformers' fused layout."""
+        fused_name, half = rule.fused
+        if prefix + fused_name in self.names:
+            stacked = np.asarray(self.folder.get(self.names[prefix + fused_name]), np.float32)
+            if half is not None:
+                stacked = np.split(stacked, 2, axis=1)[half]
             return stacked.transpose(0, 2, 1)
         parts = [self.tensor(prefix + rule.hf.format(e=e)) for e in range(self.cfg.n_routed_experts)]
         return None if any(p is None for p in parts) else np.stack([rule.load(p) for p in parts])
@@ -313,23 +323,50 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one `model_type` names and shapes its tensors."""
+    config_from_hf: Callable[[dict], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    top_rules: Callable[[ModelConfig], list[Rule]]
+    layer_rules: Callable[[ModelConfig, LayerSpec], list[Rule]]
+    layer_prefix: Callable[[int], str]
+    mtp_rules: Callable[[ModelConfig], list[Rule]] | None = None
+    canonical_name: Callable[[str], str] | None = None  # checkpoint name -> the name the rules use
+    saved_name: Callable[[str], str] = _keep  # the rules' name -> the name `save` writes
+
+
+def _family(model_type: str | None) -> Family:
+    if model_type == "deepseek_v3":
+        return Family(config_from_hf, config_to_hf, top_rules, lambda cfg, spec: layer_rules(cfg, spec.mlp),
+                      lambda i: f"model.layers.{i}.", mtp_rules)
+    if model_type == "deepseek_v4":
+        from v4jax import hf_v4
+
+        return Family(hf_v4.config_from_hf, hf_v4.config_to_hf, hf_v4.top_rules, hf_v4.layer_rules,
+                      hf_v4.layer_prefix, canonical_name=hf_v4.canonical_name, saved_name=hf_v4.saved_name)
+    raise ValueError(f"unsupported model_type {model_type!r}; v4jax.hf reads {SUPPORTED_MODEL_TYPES}")
+
+
 def load(path: str | os.PathLike, mesh=None, rules=None) -> tuple[ModelConfig, nnx.State]:
-    """A HF DeepSeek-V3 folder -> (config, params), sharded over `mesh` when given."""
+    """A HF DeepSeek-V3 or -V4 folder -> (config, params), sharded over `mesh` when given."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
     hf_config = json.loads(config_file.read_text())
+    family = _family(hf_config.get("model_type"))
     folder = TensorFolder(path)
-    mtp_prefix = f"model.layers.{hf_config.get('num_hidden_layers')}."
-    has_mtp = any(name.startswith(mtp_prefix) for name in folder.names())
-    cfg = config_from_hf(hf_config).replace(num_nextn_predict_layers=1 if has_mtp else 0)
-    reader = _Reader(folder, hf_config, cfg)
-    rest = reader.apply(top_rules(cfg), "")
-    layers = [reader.apply(layer_rules(cfg, spec.mlp), f"model.layers.{i}.")
+    cfg = family.config_from_hf(hf_config)
+    reader = _Reader(folder, hf_config, cfg, family.canonical_name)
+    mtp_prefix = family.layer_prefix(cfg.num_hidden_layers)
+    has_mtp = family.mtp_rules is not None and any(name.startswith(mtp_prefix) for name in reader.names)
+    cfg = cfg.replace(num_nextn_predict_layers=1 if has_mtp else 0)
+    rest = reader.apply(family.top_rules(cfg), "")
+    layers = [reader.apply(family.layer_rules(cfg, spec), family.layer_prefix(i))
               for i, spec in enumerate(cfg.layers)]
     if has_mtp:
-        rest["mtp"] = reader.apply(mtp_rules(cfg), mtp_prefix)
+        rest["mtp"] = reader.apply(family.mtp_rules(cfg), mtp_prefix)
     if reader.missing:
         shown = ", ".join(reader.missing[:12]) + (f" ... ({len(reader.missing)} in all)"
                                                    if len(reader.missing) > 12 else "")
@@ -341,34 +378,41 @@ def load(path: str | os.PathLike, mesh=None, rules=None) -> tuple[ModelConfig, n
 # save
 
 
+def _family_of(cfg: ModelConfig) -> Family:
+    return _family("deepseek_v4" if any(spec.attention.is_v4 for spec in cfg.layers) else "deepseek_v3")
+
+
 def hf_tensors(cfg: ModelConfig, params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor of the HF checkpoint for `params`, name by name."""
+    """Every tensor of the HF checkpoint for `params`, name by name (floats as float32, tables as int64)."""
+    family = _family_of(cfg)
     rest, layers = model.split_layers(cfg, params)
 
     def emit(rules, tree, prefix):
         for rule in rules:
-            value = np.asarray(_get(tree, rule.path), np.float32)
+            value = np.asarray(_get(tree, rule.path))
+            value = value.astype(np.int64 if np.issubdtype(value.dtype, np.integer) else np.float32)
             if rule.per_expert:
                 for e in range(value.shape[0]):
-                    yield prefix + rule.hf.format(e=e), rule.save(value[e])
+                    yield family.saved_name(prefix + rule.hf.format(e=e)), rule.save(value[e])
             else:
-                yield prefix + rule.hf, rule.save(value)
+                yield family.saved_name(prefix + rule.hf), rule.save(value)
 
-    yield from emit(top_rules(cfg), rest, "")
+    yield from emit(family.top_rules(cfg), rest, "")
     for i, (spec, layer) in enumerate(zip(cfg.layers, layers)):
-        yield from emit(layer_rules(cfg, spec.mlp), layer, f"model.layers.{i}.")
-    if cfg.num_nextn_predict_layers:
-        yield from emit(mtp_rules(cfg), rest["mtp"], f"model.layers.{cfg.num_hidden_layers}.")
+        yield from emit(family.layer_rules(cfg, spec), layer, family.layer_prefix(i))
+    if cfg.num_nextn_predict_layers and family.mtp_rules is not None:
+        yield from emit(family.mtp_rules(cfg), rest["mtp"], family.layer_prefix(cfg.num_hidden_layers))
 
 
 def save(path: str | os.PathLike, cfg: ModelConfig, params: nnx.State, max_shard_bytes: int = 4 << 30) -> None:
-    """Write a folder `transformers` loads with DeepseekV3ForCausalLM.from_pretrained (float32 safetensors).
+    """Write a folder `transformers` loads with DeepseekV3/V4ForCausalLM.from_pretrained (float32 safetensors).
+    V4's MTP block is not written (transformers does not read it).
 
     Files are written under temporary names and renamed last, so an interrupted save never looks complete.
     """
     from safetensors.numpy import save_file
 
-    hf_config = config_to_hf(cfg)
+    hf_config = _family_of(cfg).config_to_hf(cfg)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]

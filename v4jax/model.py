@@ -18,6 +18,7 @@ from flax import nnx, struct
 
 from v4jax import attention
 from v4jax.config import AttentionKind, LayerSpec, MlpKind, ModelConfig
+from v4jax.layers.hyper import HyperConnection, HyperHead, expand
 from v4jax.layers.linear import Embed, Head, fill_random, param, read
 from v4jax.layers.mlp import MLP
 from v4jax.layers.norm import RMSNorm
@@ -25,6 +26,7 @@ from v4jax.moe.moe import MoE
 from v4jax.sharding import Axis, constrain, get_rules, state_shardings
 
 ACTIVATION = (Axis.BATCH, Axis.SEQ, Axis.EMBED)
+STREAMS = (Axis.BATCH, Axis.SEQ, Axis.STREAMS, Axis.EMBED)  # the mHC residual [b, t, hc, d]
 # vmap-stacked variables gain a leading `layers` entry in their `logical_axes` (Flax's own sharding key is unused).
 STACKED = {nnx.PARTITION_NAME: Axis.LAYERS.value, "logical_axes": Axis.LAYERS.value}
 
@@ -82,23 +84,43 @@ def layout(cfg: ModelConfig) -> Layout:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With hc_mult > 1 the residual is mHC streams [b, t, hc, d]: each site collapses them into the sub-layer's
+    input and `expand`s its output back (V4); hc_mult = 1 is the plain residual, so every family shares the block.
+    """
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs):
         eps, std = cfg.rms_norm_eps, cfg.initializer_range
         self.attn_norm = RMSNorm(cfg.hidden_size, Axis.EMBED, eps=eps, rngs=rngs)
         self.attn = attention.make(cfg, spec.attention, rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, Axis.EMBED, eps=eps, rngs=rngs)
-        self.mlp = MoE(cfg, rngs) if spec.mlp is MlpKind.MOE else MLP(cfg.hidden_size, cfg.intermediate_size,
-                                                                       std=std, rngs=rngs)
+        self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, std=std, rngs=rngs) if spec.mlp is MlpKind.DENSE
+                    else MoE(cfg, rngs, spec.mlp))
+        self.attn_hc = HyperConnection(cfg, rngs) if cfg.hc_mult > 1 else None
+        self.mlp_hc = HyperConnection(cfg, rngs) if cfg.hc_mult > 1 else None
 
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, tokens):
         with jax.named_scope("attention"):
-            x = constrain(x + self.attn(self.attn_norm(x), positions, segment_ids), ACTIVATION)
+            x, _ = self.residual(x, self.attn_hc, lambda h: (self.attn(self.attn_norm(h), positions, segment_ids),
+                                                             None))
         with jax.named_scope("mlp"):
-            out = self.mlp(self.mlp_norm(x))
-            out, stats = out if isinstance(out, tuple) else (out, None)
-            return constrain(x + out, ACTIVATION), stats
+            return self.residual(x, self.mlp_hc, lambda h: self.feed_forward(self.mlp_norm(h), tokens))
+
+    def feed_forward(self, h, tokens):
+        if isinstance(self.mlp, MoE):
+            return self.mlp(h, tokens)
+        return self.mlp(h), None
+
+    @staticmethod
+    def residual(x, hc, sublayer):
+        """x + sublayer(x) on the plain residual, or through an mHC site on streams. Returns (x, extra)."""
+        if hc is None:
+            out, extra = sublayer(x)
+            return constrain(x + out, ACTIVATION), extra
+        collapsed, post, comb = hc(x)
+        out, extra = sublayer(collapsed)
+        return constrain(expand(out, x, post, comb), STREAMS), extra
 
 
 class Unit(nnx.Module):
@@ -107,10 +129,10 @@ class Unit(nnx.Module):
     def __init__(self, cfg: ModelConfig, specs: tuple[LayerSpec, ...], rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, spec, rngs) for spec in specs])
 
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, tokens):
         stats = []
         for block in self.blocks:
-            x, block_stats = block(x, positions, segment_ids)
+            x, block_stats = block(x, positions, segment_ids, tokens)
             stats.append(block_stats)
         return x, tuple(stats)
 
@@ -128,20 +150,33 @@ def _stacked_unit(cfg: ModelConfig, specs: tuple[LayerSpec, ...], repeats: int, 
 
 
 class MTP(nnx.Module):
-    """DeepSeek-V3 multi-token prediction (depth 1): from h_t and the embedding of token t+1, predict token t+2."""
+    """Multi-token prediction (depth 1): from the main stack's state at t and the embedding of token t+1,
+    predict token t+2.
+
+    x = proj([norm(embed(t+1)); norm(h_t)]) -> one block -> (collapse) -> norm -> the shared head. V3 stores `proj`
+    as one [2d, d] matrix; V4 as e_proj and h_proj, which are its two halves, and feeds every mHC stream of the
+    main state (before the final collapse) with the embedding term broadcast over streams. The block attends with
+    a window in V4 models and with full MLA otherwise; it is never hash-routed.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         eps, d = cfg.rms_norm_eps, cfg.hidden_size
         self.embed_norm = RMSNorm(d, Axis.EMBED, eps=eps, rngs=rngs)
         self.hidden_norm = RMSNorm(d, Axis.EMBED, eps=eps, rngs=rngs)
         self.proj = param(rngs, (2 * d, d), (None, Axis.EMBED), std=cfg.initializer_range)
-        self.block = Block(cfg, LayerSpec(AttentionKind.FULL, cfg.mlp_kind(cfg.num_hidden_layers)), rngs)
+        self.block = Block(cfg, LayerSpec(cfg.mtp_attention, cfg.mlp_kind(cfg.num_hidden_layers)), rngs)
+        self.hc_head = HyperHead(cfg, rngs) if cfg.hc_mult > 1 else None
         self.norm = RMSNorm(d, Axis.EMBED, eps=eps, rngs=rngs)
 
-    def __call__(self, hidden, next_embedding, positions, segment_ids):
-        joined = jnp.concatenate([self.embed_norm(next_embedding), self.hidden_norm(hidden)], axis=-1)
-        x = jnp.einsum("btc,cd->btd", joined, read(self.proj, hidden.dtype))
-        x, stats = self.block(x, positions, segment_ids)
+    def __call__(self, hidden, next_embedding, positions, segment_ids, tokens):
+        embedded = self.embed_norm(next_embedding)
+        if hidden.ndim == 4:  # mHC streams: the embedding term is shared by every stream
+            embedded = jnp.broadcast_to(embedded[:, :, None], hidden.shape)
+        joined = jnp.concatenate([embedded, self.hidden_norm(hidden)], axis=-1)
+        x = jnp.einsum("...c,cd->...d", joined, read(self.proj, hidden.dtype))
+        x, stats = self.block(x, positions, segment_ids, tokens)
+        if self.hc_head is not None:
+            x = self.hc_head(x)
         return self.norm(x), stats
 
 
@@ -154,6 +189,7 @@ class Transformer(nnx.Module):
         self.unit = _stacked_unit(cfg, specs[lay.prefix:lay.prefix + lay.unit], lay.repeats, rngs)
         self.suffix = nnx.List([Block(cfg, specs[i], rngs) for i in range(cfg.num_hidden_layers - lay.suffix,
                                                                             cfg.num_hidden_layers)])
+        self.hc_head = HyperHead(cfg, rngs) if cfg.hc_mult > 1 else None
         self.norm = RMSNorm(cfg.hidden_size, Axis.EMBED, eps=cfg.rms_norm_eps, rngs=rngs)
         self.head = None if cfg.tie_word_embeddings else Head(cfg.hidden_size, cfg.vocab_size, std=std, rngs=rngs)
         self.mtp = MTP(cfg, rngs) if cfg.num_nextn_predict_layers else None
@@ -167,17 +203,19 @@ class Transformer(nnx.Module):
     def __call__(self, tokens, positions, segment_ids) -> ModelOutput:
         dtype = jnp.dtype(self.cfg.dtype)
         x = constrain(self.embed(tokens, dtype), ACTIVATION)
+        if self.cfg.hc_mult > 1:
+            x = constrain(jnp.broadcast_to(x[:, :, None], (*x.shape[:2], self.cfg.hc_mult, x.shape[-1])), STREAMS)
         stats = []
         for group in self.groups():
             with jax.named_scope(group[0]):
-                x, group_stats = group[1](x, positions, segment_ids)
+                x, group_stats = group[1](x, positions, segment_ids, tokens)
             stats.extend(group_stats)
-        logits = self.logits(self.norm(x))
+        logits = self.logits(self.norm(x if self.hc_head is None else self.hc_head(x)))
         mtp_logits = None
         if self.mtp is not None:
             with jax.named_scope("mtp"):
                 next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-                h, mtp_stats = self.mtp(x, self.embed(next_tokens, dtype), positions, segment_ids)
+                h, mtp_stats = self.mtp(x, self.embed(next_tokens, dtype), positions, segment_ids, next_tokens)
                 mtp_logits = self.logits(h)
                 stats.append(mtp_stats)
         moe = [s for s in stats if s is not None]
@@ -190,10 +228,10 @@ class Transformer(nnx.Module):
     def groups(self):
         """(name, fn) pairs in layer order; each fn maps (x, positions, segment_ids) -> (x, per-layer stats list)."""
         def unrolled(blocks):
-            def run(x, positions, segment_ids):
+            def run(x, positions, segment_ids, tokens):
                 stats = []
                 for block in blocks:
-                    x, block_stats = block(x, positions, segment_ids)
+                    x, block_stats = block(x, positions, segment_ids, tokens)
                     stats.append(block_stats)
                 return x, stats
             return run
@@ -203,11 +241,11 @@ class Transformer(nnx.Module):
             yield "scanned_unit", self.scan_unit
         yield "suffix", unrolled(self.suffix)
 
-    def scan_unit(self, x, positions, segment_ids):
+    def scan_unit(self, x, positions, segment_ids, tokens):
         graphdef, stacked = nnx.split(self.unit)
 
         def body(x, unit_state):
-            return nnx.merge(graphdef, unit_state)(x, positions, segment_ids)
+            return nnx.merge(graphdef, unit_state)(x, positions, segment_ids, tokens)
 
         x, stats = jax.lax.scan(body, x, stacked)  # stats: per block, leaves stacked over repeats
         repeats = jax.tree.leaves(stacked)[0].shape[0]

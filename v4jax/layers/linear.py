@@ -36,6 +36,10 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, s
 def fill_random(state, key: jax.Array, one_draw_limit: int = 1 << 27):
     """New values for an (abstract) state: ones / zeros / normal(0, init_std) as each `param` declared.
 
+    A variable whose metadata holds an `init_fn` (non-trainable state that zeros would make invalid, such as the
+    hash router's token -> experts table) gets `init_fn(key, shape, dtype)` instead, with its own folded key. The
+    `init_fn` must compare by value (a frozen dataclass, not a closure): metadata is part of the pytree structure.
+
     Small models take all normal draws from one flat, replicated `jax.random.normal` sliced per parameter: XLA:CPU
     then compiles one threefry kernel instead of one per parameter (2 s instead of 15-20 s for a tiny model).
     Past `one_draw_limit` values each parameter draws its own, so it is generated directly in its sharding and
@@ -43,7 +47,8 @@ def fill_random(state, key: jax.Array, one_draw_limit: int = 1 << 27):
     """
     variables, treedef = jax.tree.flatten(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     stds = [v.get_metadata()["init_std"] for v in variables]
-    sizes = [v.size if std else 0 for v, std in zip(variables, stds)]
+    init_fns = [v.get_metadata().get("init_fn") for v in variables]
+    sizes = [v.size if std and fn is None else 0 for v, std, fn in zip(variables, stds, init_fns)]
     one_draw = sum(sizes) <= one_draw_limit
     if one_draw:
         flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
@@ -52,7 +57,9 @@ def fill_random(state, key: jax.Array, one_draw_limit: int = 1 << 27):
     offsets = [0, *itertools.accumulate(sizes)]
     values = []
     for i, (variable, std) in enumerate(zip(variables, stds)):
-        if std is None:
+        if init_fns[i] is not None:
+            value = init_fns[i](jax.random.fold_in(key, i), variable.shape, variable.dtype)
+        elif std is None:
             value = jnp.ones(variable.shape, variable.dtype)
         elif std == 0:
             value = jnp.zeros(variable.shape, variable.dtype)

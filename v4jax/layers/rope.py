@@ -43,7 +43,9 @@ def frequencies(dim: int, base: float, scaling: RopeScaling | None) -> tuple[np.
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
     keep = (1 - ramp).astype(np.float32)  # 1: extrapolate (keep the frequency), 0: interpolate
     inv_freq = interpolation * (1 - keep) + extrapolation * keep
-    if scaling.mscale and scaling.mscale_all_dim:
+    if scaling.attention_factor is not None:
+        attention_factor = scaling.attention_factor
+    elif scaling.mscale and scaling.mscale_all_dim:
         attention_factor = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor,
                                                                                      scaling.mscale_all_dim)
     else:
@@ -73,3 +75,15 @@ def apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     return jnp.concatenate([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+
+
+def rotate_tail(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """V4 RoPE: rotate the last 2 * cos.shape[-1] dims of x [b, t, (n,) c] in interleaved pairs and keep the
+    interleaved layout (values carry these dims, so the layout must survive). `-sin` rotates back."""
+    p = 2 * cos.shape[-1]
+    if x.ndim == cos.ndim + 1:
+        cos, sin = cos[..., None, :], sin[..., None, :]
+    tail = x[..., -p:].astype(jnp.float32)
+    even, odd = tail[..., 0::2], tail[..., 1::2]
+    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(tail.shape)
+    return jnp.concatenate([x[..., :-p], rotated.astype(x.dtype)], axis=-1)

@@ -6,6 +6,7 @@ Three back ends, one contract `(x [n, d], weights [n, k], indices [n, k]) -> (y 
   einsum   assignments sorted by expert into capacity-padded [e, c, d] buffers and one batched einsum
            (the CPU default: XLA:CPU's ragged_dot is 30-90x slower than an einsum of the same FLOPs);
   ragged   assignments sorted by expert and `jax.lax.ragged_dot` over the groups (dropless; TPU/GPU).
+Every back end applies the same SwiGLU (`layers.mlp.swiglu`, clamped at `limit` when one is given).
 An assignment past its expert's capacity is dropped (its contribution is zero; the shared expert and the residual
 still carry the token) and reported, never silent.
 """
@@ -17,20 +18,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.layers.linear import param, read
+from v4jax.layers.mlp import swiglu
 from v4jax.sharding import Axis, constrain
 
 
 class Experts(nnx.Module):
-    def __init__(self, n_experts: int, dim: int, hidden: int, *, std: float, rngs: nnx.Rngs):
+    def __init__(self, n_experts: int, dim: int, hidden: int, *, std: float, rngs: nnx.Rngs,
+                 limit: float | None = None):
         self.n_experts = n_experts
+        self.limit = limit  # SwiGLU clamp (V4's swiglu_limit); None: unclamped
         self.gate = param(rngs, (n_experts, dim, hidden), (Axis.EXPERTS, Axis.EMBED, Axis.EXPERT_MLP), std=std)
         self.up = param(rngs, (n_experts, dim, hidden), (Axis.EXPERTS, Axis.EMBED, Axis.EXPERT_MLP), std=std)
         self.down = param(rngs, (n_experts, hidden, dim), (Axis.EXPERTS, Axis.EXPERT_MLP, Axis.EMBED), std=std)
 
     def dense(self, x, weights, indices):
         dtype = x.dtype
-        h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, read(self.gate, dtype)))
-        h = h * jnp.einsum("nd,edf->nef", x, read(self.up, dtype))
+        h = swiglu(jnp.einsum("nd,edf->nef", x, read(self.gate, dtype)),
+                   jnp.einsum("nd,edf->nef", x, read(self.up, dtype)), self.limit)
         out = jnp.einsum("nef,efd->ned", h, read(self.down, dtype))
         combine = jnp.zeros((x.shape[0], self.n_experts), jnp.float32)
         combine = combine.at[jnp.arange(x.shape[0])[:, None], indices].add(weights)
@@ -47,8 +51,8 @@ class Experts(nnx.Module):
         token = order // k
         buffer = jnp.zeros((e * capacity, x.shape[1]), dtype).at[row].set(x[token], mode="drop")
         buffer = constrain(buffer.reshape(e, capacity, -1), (Axis.EXPERTS, Axis.CAPACITY, Axis.EMBED))
-        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, read(self.gate, dtype)))
-        h = h * jnp.einsum("ecd,edf->ecf", buffer, read(self.up, dtype))
+        h = swiglu(jnp.einsum("ecd,edf->ecf", buffer, read(self.gate, dtype)),
+                   jnp.einsum("ecd,edf->ecf", buffer, read(self.up, dtype)), self.limit)
         out = jnp.einsum("ecf,efd->ecd", h, read(self.down, dtype)).reshape(e * capacity, -1)
         per_sorted = jnp.where(kept[:, None], out.at[row].get(mode="fill", fill_value=0), 0)
         dropped = jnp.zeros(n * k, bool).at[order].set(~kept)
@@ -60,8 +64,8 @@ class Experts(nnx.Module):
         expert, order, _ = _sort_assignments(indices, self.n_experts)
         group_sizes = jnp.bincount(expert, length=self.n_experts).astype(jnp.int32)
         xs = x[order // k]
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, read(self.gate, dtype), group_sizes))
-        h = h * jax.lax.ragged_dot(xs, read(self.up, dtype), group_sizes)
+        h = swiglu(jax.lax.ragged_dot(xs, read(self.gate, dtype), group_sizes),
+                   jax.lax.ragged_dot(xs, read(self.up, dtype), group_sizes), self.limit)
         out = jax.lax.ragged_dot(h, read(self.down, dtype), group_sizes)
         return _combine(out, order, weights), jnp.zeros(n * k, bool)
 
