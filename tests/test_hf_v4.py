@@ -90,3 +90,45 @@ def test_round_trip_through_transformers(tmp_path, tokens):
     hf.save(tmp_path / "b", cfg, params)
     reloaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "b").eval()
     assert_close(torch_logits(reloaded, tokens), torch_logits(reference, tokens), rel=1e-6)
+
+
+def test_in_memory_naming_legacy_config_keys_and_fp8_ue8m0(tmp_path, tokens):
+    """The same model stored in transformers' in-memory names (fused experts, self_attn.*), with legacy config keys
+    (compress_ratios, num_hash_layers) and FP8 weights with UE8M0 (power-of-two) block scales, loads to the same
+    logits as its dequantized float32 twin."""
+    import json
+
+    from safetensors.torch import save_file
+
+    reference = randomized(tiny_v4_config(), seed=3)
+    config = json.loads(reference.config.to_json_string())
+    legacy = {k: v for k, v in config.items() if k not in ("layer_types", "mlp_layer_types", "compress_rates")}
+    legacy |= {"compress_ratios": [{W: 0, C: 4, H: 16}[t] for t in config["layer_types"]] + [0],
+               "num_hash_layers": 3}
+    legacy |= {"compress_rate_csa": 4, "compress_rate_hca": 16}
+    original, quantized, dequantized = {}, {}, {}
+    rng = np.random.default_rng(0)
+    for name, tensor in reference.state_dict().items():
+        if "inv_freq" in name:
+            continue
+        original[name] = tensor.contiguous()
+        if tensor.ndim == 2 and name.endswith("q_b_proj.weight"):
+            rows, cols = -(-tensor.shape[0] // 128), -(-tensor.shape[1] // 128)
+            scale = torch.tensor(2.0 ** rng.integers(-8, -4, size=(rows, cols)), dtype=torch.float32)
+            full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:tensor.shape[0], :tensor.shape[1]]
+            q = (tensor / full).to(torch.float8_e4m3fn)
+            quantized[name], quantized[name[:-len("weight")] + "weight_scale_inv"] = q, scale.to(torch.float8_e8m0fnu)
+            dequantized[name] = q.float() * full
+        else:
+            quantized[name] = dequantized[name] = tensor.contiguous()
+    for folder, tensors in (("orig", original), ("fp8", quantized), ("deq", dequantized)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(json.dumps(legacy))
+        save_file(tensors, str(tmp_path / folder / "model.safetensors"))
+    cfg8, params8 = hf.load(tmp_path / "fp8")
+    cfg32, params32 = hf.load(tmp_path / "deq")
+    assert cfg8.explicit_pattern == "WWCHCHC" and cfg8.first_hash_layers == 3
+    t = jnp.asarray(tokens, jnp.int32)
+    np.testing.assert_allclose(model.forward(cfg8, params8, t), model.forward(cfg32, params32, t), atol=1e-5)
+    cfg, params = hf.load(tmp_path / "orig")
+    assert_close(model.forward(cfg, params, t), torch_logits(reference, tokens))

@@ -27,7 +27,7 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v4")
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 
@@ -87,7 +87,8 @@ def _header(file: Path) -> dict[str, dict]:
 
 
 def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
-    """DeepSeek block FP8: w[i, j] * scale_inv[i // 128, j // 128], in float32."""
+    """DeepSeek block FP8: w[i, j] * scale_inv[i // 128, j // 128], in float32 (scales float32 as in V3, or
+    UE8M0 powers of two as in V4)."""
     rows, cols = weight.shape
     scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], axis=0), block[1], axis=1)
     return weight.astype(np.float32) * scale[:rows, :cols]
@@ -270,9 +271,12 @@ class _Reader:
             self.missing.append(name)
             return None
         array = self.folder.get(self.names[name])
-        if np.issubdtype(array.dtype, np.integer):
-            return np.asarray(array)
         scale = self.names.get(name.removesuffix(".weight") + ".weight_scale_inv")
+        if np.issubdtype(array.dtype, np.integer):
+            if scale:  # DeepSeek-V4's routed experts: two e2m1 values packed per int8 byte, 1 x 32 blocks
+                raise ValueError(f"{self.names[name]}: FP4 (e2m1) packed weights are not supported; dequantize "
+                                 f"the experts to FP8 or BF16 first")
+            return np.asarray(array)
         array = dequantize_fp8(array, self.folder.get(scale), self.block) if scale else np.asarray(array, np.float32)
         return self._interleave_rope(name, array) if self.half_layout_rope else array
 

@@ -15,7 +15,6 @@ from v4jax.hf import Rule, _keep, _heads_in, fused_experts
 
 LAYER_TYPES = {"sliding_attention": AttentionKind.WINDOW, "compressed_sparse_attention": AttentionKind.CSA,
                "heavily_compressed_attention": AttentionKind.HCA}
-LEGACY_RATIOS = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 
 # transformers' in-memory names -> DeepSeek's names, applied in order (the indexer's before the generic ones).
 _RENAMES = [(re.compile(a), b) for a, b in [
@@ -60,8 +59,10 @@ def layer_prefix(layer: int) -> str:
 # config
 
 
-def _pattern(hf: dict, n: int) -> str:
-    types = hf.get("layer_types") or [LEGACY_RATIOS[r] for r in (hf.get("compress_ratios") or [])]
+def _pattern(hf: dict, n: int, rates: dict[str, int]) -> str:
+    """Layer kinds from `layer_types`, or from the legacy per-layer `compress_ratios` (0 = window only)."""
+    by_ratio = {0: "sliding_attention", **{ratio: kind for kind, ratio in rates.items()}}
+    types = hf.get("layer_types") or [by_ratio.get(r, f"ratio {r}") for r in (hf.get("compress_ratios") or [])]
     if len(types) < n:
         raise ValueError(f"config.json lists {len(types)} layer types for {n} layers")
     unknown = sorted({t for t in types[:n] if t not in LAYER_TYPES})
@@ -106,7 +107,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     rope_theta, compress_theta, scaling = _rope(hf)
     return ModelConfig(
         name=hf.get("_name_or_path") or "hf-deepseek-v4", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_hidden_layers=n, pattern=_pattern(hf, n), num_attention_heads=hf["num_attention_heads"],
+        num_hidden_layers=n, pattern=_pattern(hf, n, rates), num_attention_heads=hf["num_attention_heads"],
         head_dim=hf["head_dim"], qk_rope_head_dim=rope_dim, q_lora_rank=hf["q_lora_rank"],
         o_groups=hf["o_groups"], o_lora_rank=hf["o_lora_rank"], sliding_window=hf["sliding_window"],
         csa_compress_ratio=rates["compressed_sparse_attention"],
