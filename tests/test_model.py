@@ -427,3 +427,16 @@ def test_v4_hash_layers_route_by_token_id(tiny_v4):
     load = model.apply(cfg, params, tokens).expert_load
     for layer in range(cfg.first_hash_layers):
         assert int((load[layer] > 0).sum()) == cfg.num_experts_per_tok
+
+
+def test_v4_packed_documents_equal_separate_runs(tiny_v4):
+    """Window, compressed entries and the indexer all stay inside their document (blocks aligned to it here)."""
+    cfg, params = tiny_v4
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, cfg.vocab_size, (1, 16)), rng.integers(0, cfg.vocab_size, (1, 32))
+    packed = jnp.asarray(np.concatenate([a, b], axis=1), jnp.int32)
+    segments = jnp.asarray([[0] * 16 + [1] * 32], jnp.int32)
+    positions = jnp.asarray([list(range(16)) + list(range(32))], jnp.int32)
+    together = model.forward(cfg, params, packed, positions=positions, segment_ids=segments)
+    np.testing.assert_allclose(together[:, :16], model.forward(cfg, params, jnp.asarray(a, jnp.int32)), atol=2e-5)
+    np.testing.assert_allclose(together[:, 16:], model.forward(cfg, params, jnp.asarray(b, jnp.int32)), atol=2e-5)

@@ -16,59 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.attention import kernels
+from v4jax.attention.compressor import Compressor, block_start_positions
 from v4jax.attention.indexer import Indexer
 from v4jax.config import AttentionImpl, AttentionKind, ModelConfig
 from v4jax.layers import rope
 from v4jax.layers.linear import param, read
 from v4jax.layers.norm import RMSNorm
 from v4jax.sharding import Axis, constrain
-
-
-class Compressor(nnx.Module):
-    """Gated pooling of each block of m tokens into one entry: a softmax over the block's tokens, per channel.
-
-    Overlapping (CSA): projections are 2x wide; entry i pools block i's second half with block i-1's first half
-    (2m slots). Computed in float32 as the reference does. Entry i gets RoPE at position i*m (its block's start).
-    """
-
-    def __init__(self, dim: int, width: int, ratio: int, *, overlap: bool, eps: float, std: float, rngs: nnx.Rngs):
-        parts = 2 if overlap else 1
-        self.width, self.ratio, self.overlap = width, ratio, overlap
-        self.wkv = param(rngs, (dim, parts * width), (Axis.EMBED, Axis.HEAD_DIM), std=std)
-        self.wgate = param(rngs, (dim, parts * width), (Axis.EMBED, Axis.HEAD_DIM), std=std)
-        self.position_bias = param(rngs, (ratio, parts * width), (None, Axis.HEAD_DIM), std=0)
-        self.norm = RMSNorm(width, Axis.HEAD_DIM, eps=eps, rngs=rngs)
-
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [b, t, d] -> entries float32 [b, w, c] (w = t // m, not yet rotated) and each entry's segment [b, w]
-        (INVALID_SEGMENT where its block spans two packed documents: such an entry is never visible)."""
-        b, t, _ = x.shape
-        m, c = self.ratio, self.width
-        w = t // m
-        x32 = x[:, :w * m].astype(jnp.float32)
-        kv = jnp.einsum("btd,dc->btc", x32, self.wkv[...].astype(jnp.float32)).reshape(b, w, m, -1)
-        gate = jnp.einsum("btd,dc->btc", x32, self.wgate[...].astype(jnp.float32)).reshape(b, w, m, -1)
-        gate = gate + self.position_bias[...].astype(jnp.float32)
-        blocks = segment_ids[:, :w * m].reshape(b, w, m)
-        entry_segment = jnp.where(jnp.all(blocks == blocks[..., -1:], axis=-1), blocks[..., -1],
-                                  kernels.INVALID_SEGMENT)
-        if self.overlap:
-            kv, gate = _with_previous_block(kv, gate, c, entry_segment)
-        pooled = jnp.sum(kv * jax.nn.softmax(gate, axis=2), axis=2)
-        return self.norm(pooled), entry_segment
-
-
-def _with_previous_block(kv, gate, c, entry_segment):
-    """[b, w, m, 2c] -> [b, w, 2m, c]: block i-1's first half stacked before block i's second half. The previous
-    slots of entry 0 (and of an entry whose previous block is another document) get gate -inf: weight 0."""
-    b, w, m, _ = kv.shape
-    previous_kv = jnp.pad(kv[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)))
-    previous_gate = jnp.pad(gate[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)))
-    previous_segment = jnp.pad(entry_segment[:, :-1], ((0, 0), (1, 0)), constant_values=kernels.INVALID_SEGMENT)
-    usable = ((previous_segment == entry_segment) & (entry_segment != kernels.INVALID_SEGMENT))[:, :, None, None]
-    previous_gate = jnp.where(usable, previous_gate, -jnp.inf)
-    return (jnp.concatenate([previous_kv, kv[..., c:]], axis=2),
-            jnp.concatenate([previous_gate, gate[..., c:]], axis=2))
 
 
 class V4Attention(nnx.Module):
@@ -121,8 +75,7 @@ class V4Attention(nnx.Module):
     def compressed(self, x, q_latent, positions, segment_ids) -> kernels.Compressed:
         with jax.named_scope("v4_compressor"):
             entries, entry_segment = self.compressor(x, segment_ids)
-            entry_positions = jnp.arange(entries.shape[1], dtype=jnp.int32) * self.ratio
-            cos, sin = self.rope_tables(jnp.broadcast_to(entry_positions, entries.shape[:2]))
+            cos, sin = self.rope_tables(block_start_positions(positions, self.ratio, entries.shape[1]))
             entries = rope.rotate_tail(entries, cos, sin).astype(x.dtype)
         selection = None
         if self.indexer is not None:

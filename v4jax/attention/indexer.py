@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from v4jax.attention.compressor import Compressor, block_start_positions
 from v4jax.attention.kernels import Selection
 from v4jax.config import ModelConfig
 from v4jax.layers import rope
@@ -22,8 +23,6 @@ from v4jax.sharding import Axis
 
 class Indexer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        from v4jax.attention.compressed import Compressor  # the compressor module imports this one
-
         h, i, std = cfg.index_n_heads, cfg.index_head_dim, cfg.initializer_range
         self.cfg = cfg
         self.compressor = Compressor(cfg.hidden_size, i, cfg.csa_compress_ratio, overlap=True,
@@ -34,8 +33,8 @@ class Indexer(nnx.Module):
     def __call__(self, x, q_latent, positions, segment_ids, rope_tables) -> Selection:
         cfg = self.cfg
         keys, _ = self.compressor(x, segment_ids)
-        key_positions = jnp.arange(keys.shape[1], dtype=jnp.int32) * cfg.csa_compress_ratio
-        keys = rope.rotate_tail(keys, *rope_tables(jnp.broadcast_to(key_positions, keys.shape[:2])))
+        keys = rope.rotate_tail(keys, *rope_tables(block_start_positions(positions, cfg.csa_compress_ratio,
+                                                                         keys.shape[1])))
         queries = jnp.einsum("btq,qhi->bthi", q_latent.astype(jnp.float32), self.wq_b[...].astype(jnp.float32))
         queries = rope.rotate_tail(queries, *rope_tables(positions))
         weights = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), self.weights_proj[...].astype(jnp.float32))
