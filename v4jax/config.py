@@ -196,11 +196,15 @@ class ModelConfig:
         counts = {k.value: letters.count(k.value) for k in AttentionKind if k.value in letters}
         n_full = counts.get(AttentionKind.FULL.value, 0)
         ratio = f"{len(letters) - n_full}:{n_full} sparse:full"
+        attention = (f"head_dim {self.head_dim}, window {self.sliding_window}, CSA/HCA ratios "
+                     f"{self.csa_compress_ratio}/{self.hca_compress_ratio}, top-{self.index_topk}, mHC {self.hc_mult}"
+                     if any(AttentionKind(k).is_v4 for k in counts) else
+                     f"kv_lora {self.kv_lora_rank}, window {self.sliding_window}")
         return (
             f"{self.name}: {self.num_hidden_layers} layers {letters} ({ratio}; {counts}), "
-            f"hidden {self.hidden_size}, {self.num_attention_heads} heads, kv_lora {self.kv_lora_rank}, "
-            f"experts {self.n_routed_experts} (top-{self.num_experts_per_tok}, shared {self.n_shared_experts}), "
-            f"window {self.sliding_window}, MTP {self.num_nextn_predict_layers}"
+            f"hidden {self.hidden_size}, {self.num_attention_heads} heads, {attention}, "
+            f"experts {self.n_routed_experts} (top-{self.num_experts_per_tok}, shared {self.n_shared_experts}, "
+            f"hash layers {self.first_hash_layers}), MTP {self.num_nextn_predict_layers}"
         )
 
 
