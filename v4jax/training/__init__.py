@@ -1,0 +1,1 @@
+"""Training: the run config, the pure train step, optimizers, data, checkpoints, metrics and the loop."""
