@@ -2,10 +2,18 @@
 
     python -m train.bench forward --config tiny-hybrid --seq 4096 [--batch 1] [--repeats 5] [--layer-seq 16384]
                                   [--json out.json]
+    python -m train.bench attention --kinds M,S,W,C,H --seq 2048,8192,32768 [--config tiny-v4] [--window 128]
+                                    [--topk 64] [--block 128] [--batch 1] [--repeats 3] [--json out.json]
 
-Prints a Markdown table on stdout (progress on stderr): whole-model forward tokens/s, the split of attention time
-between `M` (full MLA) and `S` (sliding-window MLA) layers, and one S layer's cost relative to one M layer at
-`--layer-seq` tokens next to the FLOP ratios the kernels predict.
+Prints Markdown tables on stdout (progress on stderr).
+`forward`: whole-model forward tokens/s, the split of attention time between `M` (full MLA) and `S`
+(sliding-window MLA) layers, and one S layer's cost relative to one M layer at `--layer-seq` tokens next to the
+FLOP ratios the kernels predict.
+`attention`: ms per layer for one layer of each kind at each length, the time ratio between the two longest
+lengths next to the ideal linear and quadratic ratios, and a verdict per kind (linear-ish: at most 1.5x the token
+ratio). The layers take the preset's sizes with V4's window 128 and compression ratios 4 / 128, top-64 and block
+128 (`v4jax.bench.ATTENTION_SETTINGS`); M/S layers of a V4 preset get MLA sizes derived from its head_dim
+(`v4jax.bench.attention_config`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,69 @@ def _parser():
     fwd.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
     fwd.add_argument("--layer-seq", type=int, default=16384, help="tokens for the one-layer M vs S comparison")
     fwd.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    from v4jax.bench import ATTENTION_SETTINGS
+
+    att = commands.add_parser("attention", help="one layer of each attention kind at several lengths")
+    att.add_argument("--kinds", default="M,S,W,C,H", help="comma-separated layer letters (default M,S,W,C,H)")
+    att.add_argument("--seq", required=True, help="comma-separated tokens per sequence, e.g. 2048,8192,32768")
+    att.add_argument("--config", default="tiny-v4", help=f"the preset giving the sizes (default tiny-v4): "
+                                                          f"{', '.join(sorted(PRESETS))}")
+    att.add_argument("--window", type=int, default=ATTENTION_SETTINGS["sliding_window"],
+                     help="sliding window of S layers and of every V4 window branch")
+    att.add_argument("--topk", type=int, default=ATTENTION_SETTINGS["index_topk"],
+                     help="compressed entries each C query attends to")
+    att.add_argument("--block", type=int, default=ATTENTION_SETTINGS["attention_block_size"],
+                     help="query/key block of the kernels")
+    att.add_argument("--batch", type=int, default=1)
+    att.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
+    att.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
+
+
+def _lengths(parser, text: str) -> list[int]:
+    try:
+        seqs = [int(item) for item in text.split(",")]
+    except ValueError:
+        parser.error(f"--seq must be comma-separated integers, got {text!r}")
+    bad = [t for t in seqs if t < 1]
+    if bad:
+        parser.error(f"--seq lengths must be >= 1, got {bad[0]}")
+    return seqs
+
+
+def _attention(parser, args) -> int:
+    from v4jax import bench, config
+
+    try:
+        kinds = bench.parse_kinds(args.kinds)
+    except ValueError as e:
+        parser.error(f"--kinds: {e}")
+    seqs = _lengths(parser, args.seq)
+    for name in ("window", "topk", "block", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    settings = bench.ATTENTION_SETTINGS | {"sliding_window": args.window, "index_topk": args.topk,
+                                           "attention_block_size": args.block}
+    try:
+        cfg = bench.attention_config(config.preset(args.config), kinds, **settings)
+    except ValueError as e:
+        parser.error(str(e))
+    why = bench.short_seq_error(cfg, kinds, min(seqs))
+    if why:
+        parser.error(f"--seq: {why}")
+    result = bench.attention(cfg, kinds, seqs, batch=args.batch, repeats=args.repeats,
+                             progress=bench.stderr_progress)
+    print(bench.attention_markdown(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config not in config.PRESETS:
         parser.error(f"unknown preset {args.config!r}; known: {', '.join(sorted(config.PRESETS))}")
+    if args.command == "attention":
+        return _attention(parser, args)
     for name in ("seq", "batch", "repeats", "layer_seq"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -48,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     result = bench.forward(cfg, seq=args.seq, batch=args.batch, repeats=args.repeats, layer_seq=args.layer_seq,
                            progress=bench.stderr_progress)
     print(bench.markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    _write_json(args.json, result)
     return 0
 
 

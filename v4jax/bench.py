@@ -5,6 +5,7 @@ Legend: b batch, t time, d model, n heads, w window.
 `forward(cfg, seq=...)` and `attention(cfg, kinds, seqs)` return JSON-able dicts; `markdown(result)` and
 `attention_markdown(result)` render them. Every timing is the median of `repeats` runs of an ahead-of-time compiled
 function after one untimed warm-up run, each ended by `block_until_ready`; compile time is measured separately.
+The attention benchmark times a kind's lengths round-robin, so drifts in the machine's load hit all of them alike.
 Per-layer times come from one attention layer (`attention.make`) built and jitted on its own (projections +
 kernel), so they isolate `kernels.blockwise` (M) from `kernels.banded` (S) and `kernels.v4_blockwise` (W, C, H).
 Timings are noisy on shared machines: compare ratios from the same run, not absolute numbers across runs.
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax import model
+from v4jax import cost, model
 from v4jax.attention import make as make_attention
 from v4jax.config import AttentionKind, ModelConfig
 from v4jax.layers.linear import fill_random
@@ -52,25 +53,34 @@ def compile_timed(fn, *args):
     return compiled, time.perf_counter() - start
 
 
-def run_seconds(compiled, *args, repeats: int, budget_s: float | None = None) -> list[float]:
-    """Wall times of `repeats` calls after one untimed warm-up call. With `budget_s`, fewer calls (at least one)
-    when the warm-up shows that `repeats` of them would take longer than that."""
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    warm_up = time.perf_counter() - start
-    if budget_s is not None and warm_up * repeats > budget_s:
-        repeats = max(1, int(budget_s // warm_up))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def median_seconds(compiled, *args, repeats: int) -> float:
     """Median wall time of `repeats` calls after one untimed warm-up call."""
-    return statistics.median(run_seconds(compiled, *args, repeats=repeats))
+    return statistics.median(interleaved_seconds([(compiled, args)], repeats=repeats)[0])
+
+
+def interleaved_seconds(runs, *, repeats: int, budget_s: float | None = None,
+                        progress: Progress = None) -> list[list[float]]:
+    """Wall times of each `(compiled, args)` in `runs`, after one untimed warm-up call of each, taken round-robin
+    (one call of each per round) so that a change in the machine's load hits every run alike rather than the
+    last ones. With `budget_s`, a run whose warm-up shows that `repeats` calls would take longer gets fewer calls
+    (at least one): it sits out the last rounds."""
+    calls = []
+    for compiled, args in runs:
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        warm_up = time.perf_counter() - start
+        over = budget_s is not None and warm_up * repeats > budget_s
+        calls.append(max(1, int(budget_s // warm_up)) if over else repeats)
+    times: list[list[float]] = [[] for _ in runs]
+    for round_ in range(repeats):
+        if len(runs) > 1:
+            _say(progress, f"  round {round_ + 1} of {repeats}...")
+        for (compiled, args), n, out in zip(runs, calls, times):
+            if round_ < n:
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(*args))
+                out.append(time.perf_counter() - start)
+    return times
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,10 +122,9 @@ def layer_params(cfg: ModelConfig, key: jax.Array, kind: AttentionKind = Attenti
     return jax.jit(lambda k: fill_random(abstract, k))(key)
 
 
-def time_layer(cfg: ModelConfig, kind: AttentionKind, seq: int, batch: int, repeats: int,
-               params: nnx.State, progress: Progress = None, budget_s: float | None = None) -> dict:
-    """One attention layer of `kind` on x [b, t, d]: compile s, median step s and the repeats timed (fewer than
-    `repeats` when they would take longer than `budget_s`, see `run_seconds`)."""
+def compile_layer(cfg: ModelConfig, kind: AttentionKind, seq: int, batch: int, params: nnx.State,
+                  progress: Progress = None):
+    """One attention layer of `kind` on x [b, t, d], ahead-of-time compiled: (compiled, its args, compile s)."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: _layer(cfg, kind)))
     x = _inputs((batch, seq, cfg.hidden_size), 2, dtype=cfg.dtype)
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -123,10 +132,31 @@ def time_layer(cfg: ModelConfig, kind: AttentionKind, seq: int, batch: int, repe
     args = (params, x, positions, segment_ids)
     _say(progress, f"compiling one {kind.value} layer (batch {batch}, seq {seq})...")
     compiled, compile_s = compile_timed(lambda s, *rest: nnx.merge(graphdef, s)(*rest), *args)
-    _say(progress, f"timing one {kind.value} layer (seq {seq}, {repeats} repeats, compiled in {compile_s:.1f} s)...")
-    times = run_seconds(compiled, *args, repeats=repeats, budget_s=budget_s)
-    return {"kind": kind.value, "seq": seq, "compile_s": compile_s, "step_s": statistics.median(times),
-            "repeats": len(times)}
+    return compiled, args, compile_s
+
+
+def time_layer(cfg: ModelConfig, kind: AttentionKind, seq: int, batch: int, repeats: int,
+               params: nnx.State, progress: Progress = None) -> dict:
+    """One attention layer of `kind` on x [b, t, d]: compile s and median step s."""
+    compiled, args, compile_s = compile_layer(cfg, kind, seq, batch, params, progress)
+    _say(progress, f"timing one {kind.value} layer ({repeats} repeats)...")
+    return {"kind": kind.value, "seq": seq, "compile_s": compile_s,
+            "step_s": median_seconds(compiled, *args, repeats=repeats)}
+
+
+def time_layer_lengths(cfg: ModelConfig, kind: AttentionKind, seqs, batch: int, repeats: int, params: nnx.State,
+                       progress: Progress = None, budget_s: float | None = None) -> list[dict]:
+    """One layer of `kind` at every length in `seqs`, compiled first and then timed round-robin
+    (`interleaved_seconds`), so the ratios between lengths come from the same stretch of machine load. Each row:
+    compile s, median step s, every timed call's seconds and how many there were (fewer than `repeats` past
+    `budget_s`)."""
+    runs = [compile_layer(cfg, kind, seq, batch, params, progress) for seq in seqs]
+    _say(progress, f"timing one {kind.value} layer at {', '.join(map(str, seqs))} tokens ({repeats} rounds after a "
+                   f"warm-up)...")
+    times = interleaved_seconds([(compiled, args) for compiled, args, _ in runs], repeats=repeats,
+                                budget_s=budget_s, progress=progress)
+    return [{"kind": kind.value, "seq": seq, "compile_s": compile_s, "step_s": statistics.median(ts),
+             "repeats": len(ts), "times_s": ts} for seq, (_, _, compile_s), ts in zip(seqs, runs, times)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,6 +298,23 @@ def attention_config(cfg: ModelConfig, kinds, **settings) -> ModelConfig:
     return cfg.replace(**changes)
 
 
+def short_seq_error(cfg: ModelConfig, kinds, seq: int) -> str | None:
+    """Why `seq` tokens are too few for a compressed kind (C, H) of `cfg`, or None. Under one compression block
+    there is no compressed entry, and `Compressor` fails on the empty reshape (ZeroDivisionError)."""
+    for kind in kinds:
+        ratio = cfg.compress_ratio(AttentionKind(kind))
+        if ratio and seq < ratio:
+            return f"{AttentionKind(kind).value} layers need seq >= their compression ratio {ratio}, got {seq}"
+    return None
+
+
+def flops_ratio(cfg: ModelConfig, kind: AttentionKind, short: int, long: int) -> float:
+    """Layer FLOPs at `long` tokens over those at `short` by `cost.attention_flops` (matmuls only, each query's
+    ideal key set: visible window, visible compressed entries, the top-k, the indexer's scan of every visible
+    entry): the ratio an ideal kernel would show, blocks and softmax aside."""
+    return (cost.attention_flops(cfg, kind, long) * long) / (cost.attention_flops(cfg, kind, short) * short)
+
+
 def _growth(short_s: float, long_s: float, short: int, long: int) -> dict:
     """Time ratio between two lengths next to the ideal linear and quadratic ratios, and a verdict: linear-ish up
     to 1.5x the linear ratio (6 for 4x the tokens), quadratic-ish from the geometric middle of linear and
@@ -286,11 +333,12 @@ def attention(cfg: ModelConfig, kinds, seqs, batch: int = 1, repeats: int = 3, p
 
     `cfg` is used as given (window, block, ratios, top-k: see `attention_config` and `ATTENTION_SETTINGS` for the
     CLI's) except for MLA sizes derived when M or S is asked for and `cfg` has none. Each kind gets its own random
-    parameters (M and S share theirs) and each (kind, length) its own compile, reported apart from the step time.
-    With two or more lengths, `growth` compares the two longest. Timings that would spend more than `budget_s`
-    on their repeats take fewer of them (`repeats` in each row says how many).
+    parameters and each (kind, length) its own compile, reported apart from the step time; a kind's lengths are
+    timed round-robin (`time_layer_lengths`). With two or more lengths, `growth` compares the two longest:
+    measured time ratio, `flops_ratio`, the linear and quadratic ratios and a verdict. Timings that would spend
+    more than `budget_s` on their repeats take fewer of them (`repeats` in each row says how many).
     """
-    kinds = tuple(AttentionKind(k) for k in kinds)
+    kinds = tuple(dict.fromkeys(AttentionKind(k) for k in kinds))
     seqs = sorted(set(seqs))
     if not kinds:
         raise ValueError("no attention kinds given")
@@ -300,19 +348,20 @@ def attention(cfg: ModelConfig, kinds, seqs, batch: int = 1, repeats: int = 3, p
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     cfg = attention_config(cfg, kinds)
-    if AttentionKind.HCA in kinds and min(seqs) < cfg.hca_compress_ratio:
-        # No complete block means no compressed entry: the kernel's max over zero entries has no identity.
-        raise ValueError(f"H layers need seq >= hca_compress_ratio ({cfg.hca_compress_ratio}), got {min(seqs)}")
+    why = short_seq_error(cfg, kinds, min(seqs))
+    if why:
+        raise ValueError(why)
     rows = []
     for i, kind in enumerate(kinds):
         _say(progress, f"initialising one {kind.value} layer...")
         params = layer_params(cfg, jax.random.key(3 + i), kind)
-        rows += [time_layer(cfg, kind, seq, batch, repeats, params, progress, budget_s) for seq in seqs]
+        rows += time_layer_lengths(cfg, kind, seqs, batch, repeats, params, progress, budget_s)
     step = {(row["kind"], row["seq"]): row["step_s"] for row in rows}
     growth = {}
     if len(seqs) > 1:
         short, long = seqs[-2:]
-        growth = {k.value: _growth(step[(k.value, short)], step[(k.value, long)], short, long) for k in kinds}
+        growth = {k.value: _growth(step[(k.value, short)], step[(k.value, long)], short, long)
+                  | {"flops": flops_ratio(cfg, k, short, long)} for k in kinds}
     fields = ("hidden_size", "num_attention_heads", "qk_rope_head_dim", "head_dim", "o_groups", "o_lora_rank",
               "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim",
               *ATTENTION_SETTINGS, "dtype")
@@ -324,45 +373,43 @@ def attention(cfg: ModelConfig, kinds, seqs, batch: int = 1, repeats: int = 3, p
 
 
 def attention_markdown(result: dict) -> str:
-    r, s = result, result["settings"]
+    r, s, growth = result, result["settings"], result["growth"]
     seqs, kinds = r["seqs"], r["kinds"]
     row = {(x["kind"], x["seq"]): x for x in r["layers"]}
-    header = (f"One attention layer per kind, {r['config']} sizes (hidden {s['hidden_size']}, {s['num_attention_heads']}"
-              f" heads, rope {s['qk_rope_head_dim']}, {s['dtype']}): window {s['sliding_window']}, block "
-              f"{s['attention_block_size']}")
+    fewer = [x for x in r["layers"] if x["repeats"] < r["repeats"]]
+    header = (f"One attention layer per kind, {r['config']} sizes (hidden {s['hidden_size']}, "
+              f"{s['num_attention_heads']} heads, rope {s['qk_rope_head_dim']}, {s['dtype']}): "
+              f"window {s['sliding_window']}, block {s['attention_block_size']}")
     if "C" in kinds:
-        header += (f", C ratio {s['csa_compress_ratio']} top-{s['index_topk']} (indexer {s['index_n_heads']} x "
-                   f"{s['index_head_dim']})")
+        header += (f", C ratio {s['csa_compress_ratio']} top-{s['index_topk']} "
+                   f"(indexer {s['index_n_heads']} heads x {s['index_head_dim']})")
     if "H" in kinds:
         header += f", H ratio {s['hca_compress_ratio']}"
     if any(k in kinds for k in "WCH"):
-        header += f", V4 entry {s['head_dim']} (o groups {s['o_groups']} x rank {s['o_lora_rank']})"
+        header += f", V4 entry {s['head_dim']} (output {s['o_groups']} groups x rank {s['o_lora_rank']})"
     if any(k in kinds for k in "MS"):
-        header += (f", MLA kv_lora {s['kv_lora_rank']} / nope {s['qk_nope_head_dim']} / v {s['v_head_dim']}")
+        header += f", MLA kv_lora {s['kv_lora_rank']} / nope {s['qk_nope_head_dim']} / v {s['v_head_dim']}"
     out = [header + ".",
-           f"{r['backend']} x{r['devices']}, batch {r['batch']}, median of {r['repeats']} after a warm-up "
-           f"(compile excluded); ms per layer forward.", ""]
-    growth = r["growth"]
+           f"{r['backend']} x{r['devices']}, batch {r['batch']}, median of {r['repeats']} after a warm-up, each kind's "
+           f"lengths timed round-robin (compile excluded); ms per layer forward.", ""]
     columns = [f"{t} ms" for t in seqs]
     if growth:
         short, long = seqs[-2:]
-        columns += [f"{long}/{short} time", "ideal linear / quadratic"]
+        columns += [f"{long}/{short} time", "FLOPs ratio (cost model)", "ideal linear / quadratic"]
     body = []
     for k in kinds:
-        cells = [k] + [f"{row[(k, t)]['step_s'] * 1e3:.1f}" + ("*" if row[(k, t)]["repeats"] < r["repeats"] else "")
-                       for t in seqs]
+        cells = [k] + [f"{row[(k, t)]['step_s'] * 1e3:.1f}" + ("*" if row[(k, t)] in fewer else "") for t in seqs]
         if growth:
             g = growth[k]
-            cells += [f"{g['measured']:.2f}", f"{g['linear']:.0f} / {g['quadratic']:.0f}"]
+            cells += [f"{g['measured']:.2f}", f"{g['flops']:.2f}", f"{g['linear']:.3g} / {g['quadratic']:.3g}"]
         body.append(cells)
     out += _table(["kind", *columns], body)
-    if any(x["repeats"] < r["repeats"] for x in r["layers"]):
-        out += ["", f"Starred times had fewer repeats (their {r['repeats']} would have taken over {r['budget_s']:.0f} s): "
-                + ", ".join(f"{x['kind']} at {x['seq']}: {x['repeats']}" for x in r["layers"]
-                            if x["repeats"] < r["repeats"])]
+    if fewer:
+        out += ["", f"Starred: fewer repeats, since {r['repeats']} would have taken over {r['budget_s']:g} s ("
+                + ", ".join(f"{x['kind']} at {x['seq']}: {x['repeats']}" for x in fewer) + ")."]
     if growth:
         short, long = seqs[-2:]
-        out += ["", f"From {short} to {long} tokens ({long / short:g}x; linear-ish means at most "
+        out += ["", f"From {short} to {long} tokens ({long / short:g}x; linear-ish: at most "
                     f"{1.5 * long / short:g}x the time):"]
         out += [f"- {k}: {g['measured']:.2f}x the time, exponent {g['exponent']:.2f} -> {g['verdict']}"
                 for k, g in growth.items()]

@@ -137,6 +137,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are kept in param_dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
+    remat: str = "none"  # recompute in the backward pass: "none", "block" (each block), "dots" (all but matmuls)
     attention_impl: AttentionImpl = AttentionImpl.FAST
     attention_block_size: int = 512  # query/key block of the blockwise attention kernels
 
@@ -298,6 +299,8 @@ def _validate(cfg: ModelConfig) -> None:
         _fail("swiglu_limit", f"must be None or > 0, got {cfg.swiglu_limit}")
     if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
         _fail("capacity_factor", f"must be None (exact) or > 0, got {cfg.capacity_factor}")
+    if cfg.remat not in ("none", "block", "dots"):
+        _fail("remat", f"must be none, block or dots, got {cfg.remat!r}")
     for field in ("dtype", "param_dtype"):
         if getattr(cfg, field) not in ("float32", "bfloat16", "float16"):
             _fail(field, f"must be float32, bfloat16 or float16, got {getattr(cfg, field)!r}")

@@ -99,6 +99,7 @@ class Block(nnx.Module):
                     else MoE(cfg, rngs, spec.mlp))
         self.attn_hc = HyperConnection(cfg, rngs) if cfg.hc_mult > 1 else None
         self.mlp_hc = HyperConnection(cfg, rngs) if cfg.hc_mult > 1 else None
+        self.remat = cfg.remat
 
     def __call__(self, x, positions, segment_ids, tokens):
         with jax.named_scope("attention"):
@@ -132,9 +133,25 @@ class Unit(nnx.Module):
     def __call__(self, x, positions, segment_ids, tokens):
         stats = []
         for block in self.blocks:
-            x, block_stats = block(x, positions, segment_ids, tokens)
+            x, block_stats = run_block(block, x, positions, segment_ids, tokens)
             stats.append(block_stats)
         return x, tuple(stats)
+
+
+def run_block(block: Block, x, positions, segment_ids, tokens):
+    """A block call, rematerialised in the backward pass as `cfg.remat` says (saves activation memory)."""
+    remat = block.remat
+    if remat == "none":
+        return block(x, positions, segment_ids, tokens)
+    graphdef, state = nnx.split(block)
+    checkpoint_policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
+                         else jax.checkpoint_policies.nothing_saveable)
+
+    @functools.partial(jax.checkpoint, policy=checkpoint_policy)
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, positions, segment_ids, tokens)
+
+    return run(state, x)
 
 
 def _stacked_unit(cfg: ModelConfig, specs: tuple[LayerSpec, ...], repeats: int, rngs: nnx.Rngs) -> Unit | None:
@@ -231,7 +248,7 @@ class Transformer(nnx.Module):
             def run(x, positions, segment_ids, tokens):
                 stats = []
                 for block in blocks:
-                    x, block_stats = block(x, positions, segment_ids, tokens)
+                    x, block_stats = run_block(block, x, positions, segment_ids, tokens)
                     stats.append(block_stats)
                 return x, stats
             return run

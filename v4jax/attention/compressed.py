@@ -61,7 +61,9 @@ class V4Attention(nnx.Module):
             kv = self.kv_norm(jnp.einsum("btd,dc->btc", x, read(self.wkv, dtype)))
             kv = rope.rotate_tail(kv, cos, sin)
             q = constrain(q, (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM))
-        compressed = self.compressed(x, q_latent, positions, segment_ids) if self.compressor else None
+        # Shorter than one block: no entry exists yet, the layer is its window branch alone.
+        has_entries = self.compressor is not None and x.shape[1] >= self.ratio
+        compressed = self.compressed(x, q_latent, positions, segment_ids) if has_entries else None
         with jax.named_scope("v4_kernel"):
             kernel = kernels.v4_reference if cfg.attention_impl is AttentionImpl.REFERENCE else kernels.v4_blockwise
             out = kernel(q, kv, segment_ids, self.sinks[...].astype(jnp.float32), cfg.head_dim ** -0.5,

@@ -1,0 +1,218 @@
+"""The pure training step: `train_step(state, batch) -> (state, metrics)`, and `eval_step`.
+
+Legend: b batch, t time, v vocab, e experts, l MoE layers (+ MTP), m micro-batches.
+Losses: next-token cross-entropy over `loss_mask`, the MTP loss (position t predicts token t+2, where both targets
+stay inside the document), an optional z-loss on the log-partition. Token losses are divided by the whole batch's
+token count, so accumulating m micro-batches gives exactly the full batch's gradient.
+The router bias update (DeepSeek's aux-loss-free balancing) runs after the gradient step on the non-trainable
+`extras`: bias += rate * sign(mean load - load), per MoE layer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from v4jax import model
+from v4jax.config import MlpKind, ModelConfig
+from v4jax.moe.routing import RouterBias
+from v4jax.sharding import Axis, logical_to_spec, state_shardings
+from v4jax.training.config import RunConfig, TrainConfig
+
+Batch = dict[str, jax.Array]  # tokens, targets, segment_ids, positions (int32 [b, t]), loss_mask ([b, t])
+BATCH_AXES = (Axis.BATCH, Axis.SEQ)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # trainable (nnx.Param)
+    extras: nnx.State  # non-trainable: router biases, hash tables
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 key data
+
+    @property
+    def model_state(self) -> nnx.State:
+        return nnx.merge_state(self.params, self.extras)
+
+
+def split_model_state(state: nnx.State) -> tuple[nnx.State, nnx.State]:
+    params, extras = nnx.split_state(state, nnx.Param, ...)
+    return params, extras
+
+
+def model_config(run: RunConfig) -> ModelConfig:
+    """The model config the step runs: the run's compute dtype and remat policy applied."""
+    return run.model.replace(dtype=run.train.compute_dtype, remat=run.train.remat.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy and log-partition (both float32 [b, t])."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def losses(cfg: ModelConfig, train: TrainConfig, model_state: nnx.State, batch: Batch, total_tokens: jax.Array):
+    """(loss to differentiate, (metrics, expert_load)) for one (micro-)batch."""
+    out = model.apply(cfg, model_state, batch["tokens"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce, log_z = token_cross_entropy(out.logits, batch["targets"])
+    ce_sum = jnp.sum(ce * mask)
+    loss = ce_sum / total_tokens
+    metrics = {"ce_sum": ce_sum, "tokens": jnp.sum(mask)}
+    if train.z_loss_weight:
+        z_sum = jnp.sum(jnp.square(log_z) * mask)
+        loss = loss + train.z_loss_weight * z_sum / total_tokens
+        metrics["z_sum"] = z_sum
+    if out.mtp_logits is not None and train.mtp_loss_weight:
+        # position t predicts target t+1 (token t+2): valid when targets t and t+1 both stay in t's document
+        mtp_mask = mask[:, :-1] * mask[:, 1:]
+        mtp_ce, _ = token_cross_entropy(out.mtp_logits[:, :-1], batch["targets"][:, 1:])
+        mtp_sum = jnp.sum(mtp_ce * mtp_mask)
+        loss = loss + train.mtp_loss_weight * mtp_sum / total_tokens
+        metrics |= {"mtp_sum": mtp_sum, "mtp_tokens": jnp.sum(mtp_mask)}
+    if out.expert_load is not None:
+        metrics["dropped_fraction"] = out.dropped_fraction
+    return loss, (metrics, out.expert_load)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# router bias update (outside the gradient)
+
+
+def moe_rows(cfg: ModelConfig) -> dict[int, int]:
+    """Layer index -> its row in `ModelOutput.expert_load` (MoE layers in depth order, then the MTP block)."""
+    layers = [i for i, spec in enumerate(cfg.layers) if spec.mlp is not MlpKind.DENSE]
+    if cfg.num_nextn_predict_layers and cfg.mlp_kind(cfg.num_hidden_layers) is not MlpKind.DENSE:
+        layers.append(cfg.num_hidden_layers)
+    return {layer: row for row, layer in enumerate(layers)}
+
+
+def update_router_biases(cfg: ModelConfig, extras: nnx.State, expert_load: jax.Array, rate: float) -> nnx.State:
+    """bias += rate * sign(mean load - load) for every learned router (hash layers have no bias)."""
+    rows, lay = moe_rows(cfg), model.layout(cfg)
+    scanned_end = lay.prefix + lay.unit * lay.repeats
+
+    def layers_of(path) -> list[int]:
+        group = path[0]
+        if group == "prefix":
+            return [path[1]]
+        if group == "suffix":
+            return [scanned_end + path[1]]
+        if group == "mtp":
+            return [cfg.num_hidden_layers]
+        return [lay.prefix + r * lay.unit + path[2] for r in range(lay.repeats)]  # unit: stacked over repeats
+
+    def update(path, variable):
+        if not isinstance(variable, RouterBias):
+            return variable
+        load = expert_load[jnp.asarray([rows[layer] for layer in layers_of(path)])]  # [n, e]
+        step = rate * jnp.sign(load.mean(-1, keepdims=True) - load)
+        return variable.replace(variable[...] + step.reshape(variable.shape).astype(variable.dtype))
+
+    return nnx.map_state(update, extras)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# steps
+
+
+def micro_batches(batch: Batch, count: int) -> Batch:
+    """[b, t] -> [m, b / m, t] for every field."""
+    return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
+
+
+def train_step(state: TrainState, batch: Batch, *, run: RunConfig, optimizer: optax.GradientTransformation):
+    cfg, train = model_config(run), run.train
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    grad_fn = jax.value_and_grad(
+        lambda params, micro: losses(cfg, train, nnx.merge_state(params, state.extras), micro, total_tokens),
+        has_aux=True)
+
+    def accumulate(carry, micro):
+        grads, metrics, load = carry
+        (_, (m, l)), g = grad_fn(state.params, micro)
+        add = functools.partial(jax.tree.map, jnp.add)
+        return (add(grads, g), add(metrics, m), None if load is None else load + l), None
+
+    micros = micro_batches(batch, train.grad_accumulation)
+    # One traced gradient (the scan body) however many micro-batches: the carry starts at zeros of its shapes.
+    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros))
+    (_, (metrics, load)), grads = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    (grads, metrics, load), _ = jax.lax.scan(accumulate, (grads, metrics, load), micros)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    extras = state.extras
+    if load is not None and train.router_bias_update_rate:
+        extras = update_router_biases(cfg, extras, load, train.router_bias_update_rate)
+    metrics = summarize(metrics, load, train.grad_accumulation) | {
+        "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
+    new_state = state.replace(step=state.step + 1, params=params, extras=extras, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, run: RunConfig) -> dict[str, jax.Array]:
+    cfg = model_config(run)
+    total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    _, (metrics, load) = losses(cfg, run.train, state.model_state, batch, total)
+    return summarize(metrics, load, 1)
+
+
+def summarize(metrics: dict, load: jax.Array | None, micro_count: int) -> dict[str, jax.Array]:
+    out = {"loss": metrics["ce_sum"] / jnp.maximum(metrics["tokens"], 1.0), "tokens": metrics["tokens"]}
+    if "mtp_sum" in metrics:
+        out["mtp_loss"] = metrics["mtp_sum"] / jnp.maximum(metrics["mtp_tokens"], 1.0)
+    if "z_sum" in metrics:
+        out["z_loss"] = metrics["z_sum"] / jnp.maximum(metrics["tokens"], 1.0)
+    if load is not None:
+        out["expert_load"] = load
+        out["dropped_fraction"] = metrics["dropped_fraction"] / micro_count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building and jitting
+
+
+def init_state(run: RunConfig, optimizer: optax.GradientTransformation, key: jax.Array, mesh=None) -> TrainState:
+    params, extras = split_model_state(model.init(run.model, key, mesh=mesh))
+    opt_state = jax.jit(optimizer.init)(params)  # moments take their parameter's sharding by propagation
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, extras=extras, opt_state=opt_state,
+                      rng=jax.random.key_data(jax.random.key(run.train.seed)))
+
+
+def batch_sharding(mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(BATCH_AXES, mesh_shape=dict(mesh.shape)))
+
+
+def jit_train_step(run: RunConfig, optimizer: optax.GradientTransformation, state: TrainState, mesh=None):
+    """`train_step` jitted with the state's shardings in and out, the batch split by the rules, state donated."""
+    step = functools.partial(train_step, run=run, optimizer=optimizer)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_shardings_ = jax.tree.map(lambda a: a.sharding, state)
+    return jax.jit(step, in_shardings=(state_shardings_, batch_sharding(mesh)),
+                   out_shardings=(state_shardings_, None), donate_argnums=0)
+
+
+def abstract_state(run: RunConfig, optimizer: optax.GradientTransformation, mesh=None, rules=None):
+    """The train state's shapes, dtypes and shardings, allocating nothing (checkpoint restore target)."""
+    model_abstract = model.abstract(run.model)
+    params, extras = split_model_state(model_abstract)
+    if mesh is not None:
+        params, extras = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), part,
+                                       state_shardings(part, mesh, rules)) for part in (params, extras))
+    opt_state = jax.eval_shape(optimizer.init, params)
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, extras=extras, opt_state=opt_state,
+                      rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
