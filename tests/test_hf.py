@@ -10,6 +10,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from oracle import assert_close, torch_logits
 from v4jax import hf, model
 
 YARN = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 32,
@@ -44,21 +45,11 @@ def randomized(config: DeepseekV3Config, seed: int = 0) -> DeepseekV3ForCausalLM
     return reference
 
 
-def torch_logits(reference, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return reference(torch.tensor(tokens)).logits.float().numpy()
-
 
 @pytest.fixture(scope="module")
 def tokens():
     return np.random.default_rng(0).integers(0, 320, size=(3, 48)).astype(np.int64)
 
-
-def assert_close(ours, theirs, rel=1e-4):
-    scale = float(np.abs(theirs).max())
-    err = float(np.abs(np.asarray(ours) - theirs).max())
-    assert err < rel * scale, f"max abs error {err:.3g} vs logit scale {scale:.3g}"
-    return err / scale
 
 
 @pytest.mark.parametrize("rope", [None, YARN], ids=["rope", "yarn"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
+from oracle import assert_close, torch_logits
 from v4jax import hf, model
 
 W, C, H = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
@@ -54,21 +55,11 @@ def randomized(config: DeepseekV4Config, seed: int = 0) -> DeepseekV4ForCausalLM
     return reference
 
 
-def torch_logits(reference, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return reference(torch.tensor(tokens)).logits.float().numpy()
-
 
 @pytest.fixture(scope="module")
 def tokens():
     return np.random.default_rng(0).integers(0, 320, size=(2, 48)).astype(np.int64)
 
-
-def assert_close(ours, theirs, rel=1e-4):
-    scale = float(np.abs(theirs).max())
-    err = float(np.abs(np.asarray(ours) - theirs).max())
-    assert err < rel * scale, f"max abs error {err:.3g} vs logit scale {scale:.3g}"
-    return err / scale
 
 
 @pytest.mark.parametrize("layer_types", [(W, W, C, H, C, H, C), (H, H, C, H, C)], ids=["flash-like", "pro-like"])
