@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test install bench clean
+.PHONY: test install bench demo clean
 
 install: $(STAMP)
 
@@ -24,3 +24,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Train tiny-v4 on the embedded stdlib corpus on the 8-device fake CPU mesh (data x expert x tensor).
+demo: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m train.train --config tiny_v4 \
+		--workdir runs/demo --mesh data=2,expert=2,tensor=2

@@ -74,8 +74,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accumulation:
             raise ValueError(f"TrainConfig.grad_accumulation: must divide batch_size={self.batch_size}, "
                              f"got {self.grad_accumulation}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps: must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if self.warmup_steps < 0:  # longer than the run is allowed: the learning rate never reaches its peak
+            raise ValueError(f"TrainConfig.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"TrainConfig.compute_dtype: float32 or bfloat16, got {self.compute_dtype!r}")
 

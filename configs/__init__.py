@@ -1,0 +1,1 @@
+"""Named runs: each module defines `config() -> v4jax.training.config.RunConfig`."""
