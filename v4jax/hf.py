@@ -200,8 +200,6 @@ def fused_experts(prefix: str) -> dict[str, tuple[str, int | None]]:
             "down": (f"{prefix}experts.down_proj", None)}
 
 
-FUSED_EXPERTS = {"mlp.": fused_experts("mlp."), "ffn.": fused_experts("ffn.")}
-
 
 def layer_rules(cfg: ModelConfig, mlp: MlpKind) -> list[Rule]:
     n = cfg.num_attention_heads
@@ -225,7 +223,7 @@ def layer_rules(cfg: ModelConfig, mlp: MlpKind) -> list[Rule]:
     rules += [Rule(("mlp", "router", "weight"), "mlp.gate.weight"),
               Rule(("mlp", "router", "bias"), "mlp.gate.e_score_correction_bias", _keep, _keep)]
     rules += [Rule(("mlp", "experts", name), f"mlp.experts.{{e}}.{name}_proj.weight", per_expert=True,
-                   fused=FUSED_EXPERTS["mlp."][name]) for name in ("gate", "up", "down")]
+                   fused=fused_experts("mlp.")[name]) for name in ("gate", "up", "down")]
     if cfg.n_shared_experts:
         rules += [Rule(("mlp", "shared", name), f"mlp.shared_experts.{name}_proj.weight")
                   for name in ("gate", "up", "down")]
