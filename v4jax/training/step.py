@@ -187,9 +187,30 @@ def summarize(metrics: dict, load: jax.Array | None, micro_count: int) -> dict[s
 
 def init_state(run: RunConfig, optimizer: optax.GradientTransformation, key: jax.Array, mesh=None) -> TrainState:
     params, extras = split_model_state(model.init(run.model, key, mesh=mesh))
-    opt_state = jax.jit(optimizer.init)(params)  # moments take their parameter's sharding by propagation
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, extras=extras, opt_state=opt_state,
-                      rng=jax.random.key_data(jax.random.key(run.train.seed)))
+    return TrainState(step=_replicated(jnp.zeros((), jnp.int32), mesh), params=params, extras=extras,
+                      opt_state=_optimizer_init(optimizer, params, mesh)(params),
+                      rng=_replicated(jax.random.key_data(jax.random.key(run.train.seed)), mesh))
+
+
+def _replicated(x, mesh):
+    return x if mesh is None else jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _on_mesh(sharding, mesh):
+    """A sharding on the whole mesh: XLA leaves values it creates from nothing (optimizer step counts) on one
+    device, which a jit over the mesh would refuse; those become replicated."""
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.devices.size == mesh.devices.size:
+        return sharding
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _optimizer_init(optimizer, params, mesh):
+    """The optimizer's init, jitted so every moment takes its parameter's sharding (and lands on the mesh)."""
+    if mesh is None:
+        return jax.jit(optimizer.init)
+    shardings = jax.tree.map(lambda s: _on_mesh(s, mesh),
+                             jax.jit(optimizer.init).lower(params).compile().output_shardings)
+    return jax.jit(optimizer.init, out_shardings=shardings)
 
 
 def batch_sharding(mesh) -> jax.sharding.NamedSharding:
@@ -208,11 +229,18 @@ def jit_train_step(run: RunConfig, optimizer: optax.GradientTransformation, stat
 
 def abstract_state(run: RunConfig, optimizer: optax.GradientTransformation, mesh=None, rules=None):
     """The train state's shapes, dtypes and shardings, allocating nothing (checkpoint restore target)."""
-    model_abstract = model.abstract(run.model)
-    params, extras = split_model_state(model_abstract)
-    if mesh is not None:
+    params, extras = split_model_state(model.abstract(run.model))
+    if mesh is None:
+        opt_state = jax.eval_shape(optimizer.init, params)
+        scalar_sharding = None
+    else:
         params, extras = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), part,
                                        state_shardings(part, mesh, rules)) for part in (params, extras))
-    opt_state = jax.eval_shape(optimizer.init, params)
-    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, extras=extras, opt_state=opt_state,
-                      rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+        compiled = _optimizer_init(optimizer, params, mesh).lower(params).compile()
+        opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 jax.eval_shape(optimizer.init, params), compiled.output_shardings)
+        scalar_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar_sharding), params=params,
+                      extras=extras, opt_state=opt_state,
+                      rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=scalar_sharding))
