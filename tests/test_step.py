@@ -82,3 +82,19 @@ def test_moe_rows_follow_depth_order():
     cfg = config.preset("tiny-v4")
     rows = step.moe_rows(cfg)
     assert list(rows) == list(range(cfg.num_hidden_layers + 1)) and rows[cfg.num_hidden_layers] == 7
+
+
+def test_train_state_lives_on_the_mesh_and_matches_its_restore_target():
+    """Every leaf (scalar step, rng and optimizer counts included) sits on the whole mesh, as a jit over the mesh
+    and a checkpoint restore into `abstract_state` both require."""
+    from v4jax import sharding
+
+    run = run_config(optimizer="muon")
+    mesh = sharding.make_mesh(data=2, expert=2, tensor=2)
+    opt = optimizer.make_optimizer(run.train, accumulate=False)
+    state = step.init_state(run, opt, jax.random.key(0), mesh=mesh)
+    target = step.abstract_state(run, opt, mesh)
+    devices = set(mesh.devices.flat)
+    for leaf, abstract in zip(jax.tree.leaves(state), jax.tree.leaves(target)):
+        assert leaf.sharding.device_set == devices
+        assert leaf.sharding.is_equivalent_to(abstract.sharding, leaf.ndim)
