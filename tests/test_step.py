@@ -9,7 +9,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from v4jax import config
 from v4jax.training import data, optimizer, step

@@ -83,9 +83,6 @@ def _attention(parser, args) -> int:
         cfg = bench.attention_config(config.preset(args.config), kinds, **settings)
     except ValueError as e:
         parser.error(str(e))
-    why = bench.short_seq_error(cfg, kinds, min(seqs))
-    if why:
-        parser.error(f"--seq: {why}")
     result = bench.attention(cfg, kinds, seqs, batch=args.batch, repeats=args.repeats,
                              progress=bench.stderr_progress)
     print(bench.attention_markdown(result))

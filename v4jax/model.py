@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from v4jax import attention
-from v4jax.config import AttentionKind, LayerSpec, MlpKind, ModelConfig
+from v4jax.config import LayerSpec, MlpKind, ModelConfig
 from v4jax.layers.hyper import HyperConnection, HyperHead, expand
 from v4jax.layers.linear import Embed, Head, fill_random, param, read
 from v4jax.layers.mlp import MLP
@@ -77,6 +77,15 @@ def find_layout(specs: tuple[LayerSpec, ...], scan: bool = True) -> Layout:
 
 def layout(cfg: ModelConfig) -> Layout:
     return find_layout(cfg.layers, cfg.scan_layers)
+
+
+def moe_layers(cfg: ModelConfig) -> list[int]:
+    """The layers behind the rows of `ModelOutput.expert_load`: MoE layers in depth order, then the MTP block
+    (index num_hidden_layers) when it has routed experts."""
+    layers = [i for i, spec in enumerate(cfg.layers) if spec.mlp is not MlpKind.DENSE]
+    if cfg.num_nextn_predict_layers and cfg.mlp_kind(cfg.num_hidden_layers) is not MlpKind.DENSE:
+        layers.append(cfg.num_hidden_layers)
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------------------------

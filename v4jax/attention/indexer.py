@@ -9,7 +9,6 @@ beyond one block. Scoring runs in float32.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

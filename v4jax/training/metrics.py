@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax import cost
-from v4jax.config import MlpKind, ModelConfig
+from v4jax.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # model FLOPs
@@ -168,10 +168,9 @@ def _cpu_peak() -> float:
 def moe_layer_names(cfg: ModelConfig) -> list[str]:
     """Names of the rows of `ModelOutput.expert_load` / `dropped_fraction`: "layerNN" (the model's layer index) for
     every MoE or hash-routed layer in order, then "mtp" when the MTP block has routed experts."""
-    names = [f"layer{i:02d}" for i, spec in enumerate(cfg.layers) if spec.mlp is not MlpKind.DENSE]
-    if cfg.num_nextn_predict_layers and cfg.mlp_kind(cfg.num_hidden_layers) is not MlpKind.DENSE:
-        names.append("mtp")
-    return names
+    from v4jax.model import moe_layers
+
+    return ["mtp" if i == cfg.num_hidden_layers else f"layer{i:02d}" for i in moe_layers(cfg)]
 
 
 def expert_metrics(expert_load, dropped_fraction=None, names: Sequence[str] | None = None) -> dict[str, float]:

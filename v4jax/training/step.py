@@ -18,7 +18,7 @@ import optax
 from flax import nnx, struct
 
 from v4jax import model
-from v4jax.config import MlpKind, ModelConfig
+from v4jax.config import ModelConfig
 from v4jax.moe.routing import RouterBias
 from v4jax.sharding import Axis, logical_to_spec, state_shardings
 from v4jax.training.config import RunConfig, TrainConfig
@@ -92,11 +92,8 @@ def losses(cfg: ModelConfig, train: TrainConfig, model_state: nnx.State, batch: 
 
 
 def moe_rows(cfg: ModelConfig) -> dict[int, int]:
-    """Layer index -> its row in `ModelOutput.expert_load` (MoE layers in depth order, then the MTP block)."""
-    layers = [i for i, spec in enumerate(cfg.layers) if spec.mlp is not MlpKind.DENSE]
-    if cfg.num_nextn_predict_layers and cfg.mlp_kind(cfg.num_hidden_layers) is not MlpKind.DENSE:
-        layers.append(cfg.num_hidden_layers)
-    return {layer: row for row, layer in enumerate(layers)}
+    """Layer index -> its row in `ModelOutput.expert_load`."""
+    return {layer: row for row, layer in enumerate(model.moe_layers(cfg))}
 
 
 def update_router_biases(cfg: ModelConfig, extras: nnx.State, expert_load: jax.Array, rate: float) -> nnx.State:
