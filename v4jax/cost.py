@@ -180,6 +180,12 @@ V4_FP8 = KvFormat("v4-fp8", value_bytes=1, scale_block=64, scale_bytes=1, index_
                   index_scale_bytes=1, entry_align=8)
 
 
+def plain_format(dtype) -> KvFormat:
+    """Every value in one dtype, no scales: what `serving.cache` stores for a given compute dtype."""
+    size = float(dtype.itemsize)
+    return KvFormat(str(dtype), value_bytes=size, rope_bytes=size, index_bytes=size)
+
+
 def entry_bytes(cfg: ModelConfig, kind: AttentionKind, fmt: KvFormat = BF16) -> int:
     """One cached token / compressed entry: MLA latent + rope key (M, S) or the shared K=V vector (W, C, H)."""
     p = cfg.qk_rope_head_dim
@@ -208,7 +214,9 @@ def kv_bytes(cfg: ModelConfig, kind: AttentionKind, context: int, fmt: KvFormat 
              include_state: bool = False) -> int:
     """Cache bytes of one layer of `kind` for one sequence of `context` tokens (window entries in `fmt` too)."""
     main, index = cache_entries(cfg, kind, context)
-    state = state_bytes(cfg, kind) if include_state else 0
+    # A context shorter than one block never completes an entry, so it keeps no compressor state either.
+    has_entries = bool(cfg.compress_ratio(kind)) and context >= cfg.compress_ratio(kind)
+    state = state_bytes(cfg, kind) if include_state and has_entries else 0
     return main * entry_bytes(cfg, kind, fmt) + index * fmt.index_entry(cfg.index_head_dim) + state
 
 

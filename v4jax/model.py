@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from v4jax import attention
+from v4jax.attention import cached as cached_attention
 from v4jax.config import LayerSpec, MlpKind, ModelConfig
 from v4jax.layers.hyper import HyperConnection, HyperHead, expand
 from v4jax.layers.linear import Embed, Head, fill_random, param, read
@@ -116,6 +117,15 @@ class Block(nnx.Module):
                                                              None))
         with jax.named_scope("mlp"):
             return self.residual(x, self.mlp_hc, lambda h: self.feed_forward(self.mlp_norm(h), tokens))
+
+    def extend(self, x, cache, start, count, tokens):
+        """The block over a chunk of new tokens with the layer's attention cache (serving): -> (x, cache)."""
+        with jax.named_scope("attention"):
+            x, cache = self.residual(x, self.attn_hc, lambda h: cached_attention.extend(
+                self.attn, self.attn_norm(h), cache, start, count))
+        with jax.named_scope("mlp"):
+            x, _ = self.residual(x, self.mlp_hc, lambda h: self.feed_forward(self.mlp_norm(h), tokens))
+        return x, cache
 
     def feed_forward(self, h, tokens):
         if isinstance(self.mlp, MoE):
@@ -250,6 +260,39 @@ class Transformer(nnx.Module):
             expert_load=jnp.stack([s["expert_load"] for s in moe]) if moe else None,
             dropped_fraction=jnp.stack([s["dropped_fraction"] for s in moe]) if moe else None,
         )
+
+    def extend(self, tokens, caches, start, count):
+        """Serving: append a chunk tokens int [b, t] to per-row caches, (prefix, unit, suffix) tuples of layer
+        caches (the unit's stacked over repeats), where row b holds start[b] tokens and count[b] of its chunk are
+        real. Returns (logits float32 [b, t, v], caches). The MTP block is not run."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = constrain(self.embed(tokens, dtype), ACTIVATION)
+        if self.cfg.hc_mult > 1:
+            x = jnp.broadcast_to(x[:, :, None], (*x.shape[:2], self.cfg.hc_mult, x.shape[-1]))
+
+        def unrolled(blocks, layer_caches, x):
+            updated = []
+            for block, cache in zip(blocks, layer_caches):
+                x, cache = block.extend(x, cache, start, count, tokens)
+                updated.append(cache)
+            return x, tuple(updated)
+
+        prefix_caches, unit_caches, suffix_caches = caches
+        with jax.named_scope("prefix"):
+            x, prefix_caches = unrolled(self.prefix, prefix_caches, x)
+        if self.unit is not None:
+            graphdef, stacked = nnx.split(self.unit)
+
+            def body(x, inputs):
+                unit_state, unit_cache = inputs
+                return unrolled(nnx.merge(graphdef, unit_state).blocks, unit_cache, x)
+
+            with jax.named_scope("scanned_unit"):
+                x, unit_caches = jax.lax.scan(body, x, (stacked, unit_caches))
+        with jax.named_scope("suffix"):
+            x, suffix_caches = unrolled(self.suffix, suffix_caches, x)
+        logits = self.logits(self.norm(x if self.hc_head is None else self.hc_head(x)))
+        return logits, (prefix_caches, unit_caches, suffix_caches)
 
     def groups(self):
         """(name, fn) pairs in layer order; each fn maps (x, positions, segment_ids) -> (x, per-layer stats list)."""

@@ -52,22 +52,36 @@ class V4Attention(nnx.Module):
         return rope.cos_sin(positions, cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        cfg, dtype = self.cfg, x.dtype
+        cfg = self.cfg
         cos, sin = self.rope_tables(positions)
+        q_latent, q, kv = self.project(x, cos, sin)
+        # Shorter than one block: no entry exists yet, the layer is its window branch alone.
+        has_entries = self.compressor is not None and x.shape[1] >= self.ratio
+        compressed = self.compressed(x, q_latent, positions, segment_ids) if has_entries else None
+        with jax.named_scope("v4_kernel"):
+            kernel = kernels.v4_reference if cfg.attention_impl is AttentionImpl.REFERENCE else kernels.v4_blockwise
+            out = kernel(q, kv, segment_ids, self.sinks[...].astype(jnp.float32), self.scale,
+                         cfg.sliding_window, cfg.attention_block_size, compressed)
+        return self.output(out, cos, sin)
+
+    @property
+    def scale(self) -> float:
+        return self.cfg.head_dim ** -0.5
+
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [b, t, d] -> the normed query latent [b, t, q], rotated queries [b, t, n, c] and entries [b, t, c]."""
+        cfg, dtype = self.cfg, x.dtype
         with jax.named_scope("v4_projections"):
             q_latent = self.q_norm(jnp.einsum("btd,dq->btq", x, read(self.wq_a, dtype)))
             q = jnp.einsum("btq,qnc->btnc", q_latent, read(self.wq_b, dtype))
             q = rope.rotate_tail(unweighted_rms(q, cfg.rms_norm_eps), cos, sin)
             kv = self.kv_norm(jnp.einsum("btd,dc->btc", x, read(self.wkv, dtype)))
             kv = rope.rotate_tail(kv, cos, sin)
-            q = constrain(q, (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM))
-        # Shorter than one block: no entry exists yet, the layer is its window branch alone.
-        has_entries = self.compressor is not None and x.shape[1] >= self.ratio
-        compressed = self.compressed(x, q_latent, positions, segment_ids) if has_entries else None
-        with jax.named_scope("v4_kernel"):
-            kernel = kernels.v4_reference if cfg.attention_impl is AttentionImpl.REFERENCE else kernels.v4_blockwise
-            out = kernel(q, kv, segment_ids, self.sinks[...].astype(jnp.float32), cfg.head_dim ** -0.5,
-                         cfg.sliding_window, cfg.attention_block_size, compressed)
+            return q_latent, constrain(q, (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM)), kv
+
+    def output(self, out: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """Attention output [b, t, n, c] -> [b, t, d]."""
+        cfg, dtype = self.cfg, out.dtype
         with jax.named_scope("v4_output"):
             out = rope.rotate_tail(out, cos, -sin)  # values carry absolute RoPE; make each contribution relative
             grouped = out.reshape(*out.shape[:2], cfg.o_groups, -1, cfg.head_dim)

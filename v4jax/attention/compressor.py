@@ -34,25 +34,32 @@ class Compressor(nnx.Module):
         """x [b, t, d] -> entries float32 [b, w, c] (w = t // m, not yet rotated) and each entry's segment [b, w]
         (INVALID_SEGMENT where its block spans two packed documents: such an entry is never visible)."""
         b, t, _ = x.shape
-        m, c = self.ratio, self.width
+        m = self.ratio
         w = t // m
-        x32 = x[:, :w * m].astype(jnp.float32)
-        kv = jnp.einsum("btd,dc->btc", x32, self.wkv[...].astype(jnp.float32)).reshape(b, w, m, -1)
-        gate = jnp.einsum("btd,dc->btc", x32, self.wgate[...].astype(jnp.float32)).reshape(b, w, m, -1)
-        gate = gate + self.position_bias[...].astype(jnp.float32)
+        kv, gate = self.projections(x[:, :w * m], jnp.arange(w * m) % m)
         blocks = segment_ids[:, :w * m].reshape(b, w, m)
         entry_segment = jnp.where(jnp.all(blocks == blocks[..., -1:], axis=-1), blocks[..., -1],
                                   kernels.INVALID_SEGMENT)
+        return self.pool(kv.reshape(b, w, m, -1), gate.reshape(b, w, m, -1), entry_segment), entry_segment
+
+    def projections(self, x: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [b, t, d] and each token's slot in its block (t mod m) -> kv, gate float32 [b, t, parts * c]."""
+        x32 = x.astype(jnp.float32)
+        kv = jnp.einsum("btd,dc->btc", x32, self.wkv[...].astype(jnp.float32))
+        gate = jnp.einsum("btd,dc->btc", x32, self.wgate[...].astype(jnp.float32))
+        return kv, gate + self.position_bias[...].astype(jnp.float32)[slot]
+
+    def pool(self, kv: jax.Array, gate: jax.Array, block_segment: jax.Array) -> jax.Array:
+        """Blocks kv, gate [b, w, m, parts * c] -> normed entries [b, w, c]. With overlap, block i also pools block
+        i-1's first half when both carry the same (valid) segment."""
         if self.overlap:
-            kv, gate = _with_previous_block(kv, gate, c, entry_segment)
-        pooled = jnp.sum(kv * jax.nn.softmax(gate, axis=2), axis=2)
-        return self.norm(pooled), entry_segment
+            kv, gate = _with_previous_block(kv, gate, self.width, block_segment)
+        return self.norm(jnp.sum(kv * jax.nn.softmax(gate, axis=2), axis=2))
 
 
 def _with_previous_block(kv, gate, c, entry_segment):
     """[b, w, m, 2c] -> [b, w, 2m, c]: block i-1's first half stacked before block i's second half. The previous
     slots of entry 0 (and of an entry whose previous block is another document) get gate -inf: weight 0."""
-    b, w, m, _ = kv.shape
     previous_kv = jnp.pad(kv[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)))
     previous_gate = jnp.pad(gate[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)))
     previous_segment = jnp.pad(entry_segment[:, :-1], ((0, 0), (1, 0)), constant_values=kernels.INVALID_SEGMENT)

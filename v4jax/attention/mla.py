@@ -54,21 +54,30 @@ class MLA(nnx.Module):
         latent, k_rope = jnp.split(kv, [self.cfg.kv_lora_rank], axis=-1)
         return self.kv_norm(latent), k_rope
 
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [b, t, d] -> queries [b, t, n, h] (rope part rotated), latent [b, t, r], rotated rope key [b, t, p]."""
+        cfg, nope = self.cfg, self.cfg.qk_nope_head_dim
+        q = self.queries(x)
+        latent, k_rope = self.latents(x)
+        cos, sin = rope.cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q = jnp.concatenate([q[..., :nope], rope.apply(q[..., nope:], cos, sin)], axis=-1)
+        return q, latent, rope.apply(k_rope, cos, sin)
+
+    @property
+    def scale(self) -> float:
+        return rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
+
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         cfg, dtype = self.cfg, x.dtype
         nope = cfg.qk_nope_head_dim
         with jax.named_scope("mla_projections"):
-            q = self.queries(x)
-            latent, k_rope = self.latents(x)
-            cos, sin = rope.cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
-            q = jnp.concatenate([q[..., :nope], rope.apply(q[..., nope:], cos, sin)], axis=-1)
-            k_rope = rope.apply(k_rope, cos, sin)
+            q, latent, k_rope = self.project(x, positions)
             kv = jnp.einsum("btr,rnh->btnh", latent, read(self.wkv_b, dtype))
             k_nope, v = jnp.split(kv, [nope], axis=-1)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))],
                                 axis=-1)
             q, k, v = (constrain(a, (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM)) for a in (q, k, v))
-        scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+        scale = self.scale
         with jax.named_scope("mla_kernel"):
             if cfg.attention_impl is AttentionImpl.REFERENCE:
                 out = kernels.reference(q, k, v, segment_ids, scale, self.window)

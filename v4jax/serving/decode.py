@@ -1,0 +1,99 @@
+"""Prefill and decode steps over the serving cache.
+
+Both are one jitted function, `extend`: a chunk of tokens per row appended after the row's cached tokens (its own
+position), attending through the cache (`attention/cached.py`). Prefill runs fixed-size chunks (a long prompt is
+several calls of one compiled shape, so new prompt lengths never recompile); a decode step is a chunk of one token.
+The cache argument is donated. Traced under the `serve` sharding rules: on a mesh, rows follow the cache's
+sharding and weights stay where `model.init(..., rules="serve")` put them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax import model
+from v4jax.config import ModelConfig
+from v4jax.serving.cache import Cache, _logical_axes
+from v4jax.sharding import Preset, constrain, use_rules
+
+
+def _constrain_cache(cache: Cache) -> Cache:
+    """Pin every cache leaf to its logical sharding so the donated buffers come back in the same layout."""
+    axes = _logical_axes(cache)
+    return jax.tree.map(lambda a, ax: constrain(a, ax), cache, axes,
+                        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+
+
+def _extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens: jax.Array, counts: jax.Array):
+    with use_rules(Preset.SERVE):
+        transformer = nnx.merge(model.graphdef(cfg), params)
+        logits, layers = transformer.extend(tokens, cache.layers, cache.lengths, counts)
+        prefix, unit, suffix = layers
+        updated = cache.replace(prefix=prefix, unit=unit, suffix=suffix, lengths=cache.lengths + counts)
+        return logits, _constrain_cache(updated)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _extend_jit(cfg, params, cache, tokens, counts):
+    return _extend(cfg, params, cache, tokens, counts)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _prefill_chunk(cfg, params, cache, tokens, counts, last):
+    """One prefill chunk; `last` [b, v] carries each row's logits at its latest real token so far."""
+    logits, cache = _extend(cfg, params, cache, tokens, counts)
+    at = jnp.clip(counts - 1, 0)[:, None, None]
+    chunk_last = jnp.take_along_axis(logits, at, axis=1)[:, 0]
+    return jnp.where((counts > 0)[:, None], chunk_last, last), cache
+
+
+def extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts) -> tuple[jax.Array, Cache]:
+    """tokens int32 [b, t], counts int32 [b] (real tokens of each row's chunk) -> logits float32 [b, t, vocab] at
+    every chunk position, and the cache (donated) with lengths += counts."""
+    return _extend_jit(cfg, params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(counts, jnp.int32))
+
+
+def prefill(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts, chunk: int = 256):
+    """Append right-padded prompts tokens int [b, T] with counts[b] real tokens each, in chunks of `chunk`.
+    Returns each row's logits at its last real token, float32 [b, vocab] (undefined where counts == 0), and the
+    cache. ValueError if a row would exceed the cache."""
+    tokens, counts = np.asarray(tokens, np.int32), np.asarray(counts, np.int32)
+    if tokens.ndim != 2 or counts.shape != tokens.shape[:1]:
+        raise ValueError(f"prefill takes tokens [batch, time] and counts [batch], got {tokens.shape} and "
+                         f"{counts.shape}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if (counts < 0).any() or (counts > tokens.shape[1]).any():
+        raise ValueError(f"counts must lie in [0, {tokens.shape[1]}], got {counts.tolist()}")
+    room = cache.max_len - np.asarray(cache.lengths)
+    if (counts > room).any():
+        row = int(np.argmax(counts > room))
+        raise ValueError(f"row {row}: {counts[row]} prompt tokens do not fit the cache ({room[row]} of "
+                         f"{cache.max_len} positions left)")
+    chunks = max(1, math.ceil(int(counts.max(initial=0)) / chunk))
+    padded = np.zeros((tokens.shape[0], chunks * chunk), np.int32)
+    width = min(tokens.shape[1], chunks * chunk)
+    padded[:, :width] = tokens[:, :width]
+    last = jnp.zeros((tokens.shape[0], cfg.vocab_size), jnp.float32)
+    for i in range(chunks):
+        chunk_counts = np.clip(counts - i * chunk, 0, chunk).astype(np.int32)
+        last, cache = _prefill_chunk(cfg, params, cache, padded[:, i * chunk:(i + 1) * chunk], chunk_counts, last)
+    return last, cache
+
+
+def decode_step(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, active) -> tuple[jax.Array, Cache]:
+    """One token per row: tokens int32 [b], active bool [b] (inactive rows are left as they are) -> logits
+    float32 [b, vocab] and the cache (donated). The caller keeps rows within `cache.max_len`."""
+    counts = jnp.asarray(active, jnp.int32)
+    logits, cache = _extend_jit(cfg, params, cache, jnp.asarray(tokens, jnp.int32)[:, None], counts)
+    return logits[:, 0], cache
+
+
+def max_len(cache: Cache) -> int:
+    return cache.max_len
