@@ -1,0 +1,114 @@
+"""Sampling on values: greedy is argmax, top-k stays in the k best, top-p keeps the smallest nucleus, seeds
+reproduce, temperature -> 0 is greedy, bad settings are refused."""
+
+import jax
+import numpy as np
+import pytest
+
+from v4jax.serving import sampling
+from v4jax.serving.sampling import SamplingParams
+
+DRAWS = 4096
+
+
+def draw(logits, *, temperature=1.0, top_k=0, top_p=1.0, seeds=None, steps=None):
+    """`DRAWS` samples of one row of logits (one row per draw, the draw index as the step)."""
+    logits = np.broadcast_to(np.asarray(logits, np.float32), (DRAWS, len(logits)))
+    seeds = np.zeros(DRAWS, np.uint32) if seeds is None else seeds
+    steps = np.arange(DRAWS, dtype=np.int32) if steps is None else steps
+    full = lambda value, dtype: np.full(DRAWS, value, dtype)
+    return np.asarray(sampling.sample_jit(logits, seeds, steps, full(temperature, np.float32),
+                                          full(top_k, np.int32), full(top_p, np.float32)))
+
+
+def test_greedy_is_argmax_whatever_the_filters():
+    logits = jax.random.normal(jax.random.key(0), (6, 97)) * 3
+    batch = sampling.BatchParams.of([SamplingParams(temperature=0.0, top_k=k, top_p=p, seed=s)
+                                     for k, p, s in [(0, 1.0, 0), (5, 1.0, 1), (0, 0.3, 2), (2, 0.5, 3),
+                                                     (1, 1.0, 4), (0, 1.0, 5)]])
+    out = sampling.sample_jit(logits, *batch.arrays())
+    np.testing.assert_array_equal(out, np.argmax(logits, axis=-1))
+
+
+def test_temperature_to_zero_is_greedy():
+    logits = np.asarray(jax.random.normal(jax.random.key(1), (64,)) * 2)
+    for temperature in (1e-4, 1e-7, 1e-30):
+        assert set(draw(logits, temperature=temperature)) == {int(np.argmax(logits))}, temperature
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    logits = np.asarray(jax.random.normal(jax.random.key(2), (50,)), np.float32)
+    best = set(np.argsort(-logits)[:3].tolist())
+    out = draw(logits, temperature=5.0, top_k=3)  # a hot temperature: without top-k the tail would show
+    assert set(out.tolist()) == best
+    assert len(set(draw(logits, temperature=5.0).tolist())) > 10
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = np.array([0.05, 0.5, 0.15, 0.3], np.float32)  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    logits = np.log(probs)
+    for top_p, nucleus in [(0.4, {1}), (0.75, {1, 3}), (0.9, {1, 3, 2}), (0.99, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})]:
+        scaled, order = sampling.filtered_logits(logits[None], np.ones(1, np.float32), np.zeros(1, np.int32),
+                                                 np.full(1, top_p, np.float32))
+        kept = set(np.asarray(order)[0][np.isfinite(np.asarray(scaled)[0])].tolist())
+        assert kept == nucleus, (top_p, kept)
+        assert set(draw(logits, top_p=top_p).tolist()) == nucleus, top_p
+    # inside the nucleus the renormalised probabilities: 0.5 / 0.8 and 0.3 / 0.8
+    share = np.mean(draw(logits, top_p=0.75) == 1)
+    assert abs(share - 0.625) < 0.04, share
+
+
+def test_top_k_then_top_p():
+    probs = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
+    # top-k 2 leaves 0.4 / 0.7 and 0.3 / 0.7; top-p 0.5 then keeps only the first
+    assert set(draw(np.log(probs), top_k=2, top_p=0.5).tolist()) == {0}
+    assert set(draw(np.log(probs), top_k=2, top_p=0.6).tolist()) == {0, 1}
+
+
+def test_temperature_one_follows_the_softmax():
+    probs = np.array([0.6, 0.25, 0.1, 0.05], np.float32)
+    counts = np.bincount(draw(np.log(probs)), minlength=4) / DRAWS
+    np.testing.assert_allclose(counts, probs, atol=0.03)
+
+
+def test_same_seed_same_tokens_different_seeds_differ():
+    logits = np.asarray(jax.random.normal(jax.random.key(3), (200,)), np.float32)
+    steps = np.tile(np.arange(DRAWS // 4, dtype=np.int32), 4)
+    seeds = np.repeat(np.array([7, 7, 8, 7 + (1 << 32)], np.uint64) % (1 << 32), DRAWS // 4).astype(np.uint32)
+    a, b, c, d = draw(logits, seeds=seeds, steps=steps).reshape(4, -1)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, d)  # seeds are taken modulo 2**32
+    assert np.mean(a != c) > 0.5
+    # a seed's stream depends on the step index only, not on the row or the other rows
+    again = np.asarray(sampling.sample_jit(np.stack([logits, logits * 0]), np.array([7, 0], np.uint32),
+                                           steps[[5, 0]], np.ones(2, np.float32), np.zeros(2, np.int32),
+                                           np.ones(2, np.float32)))
+    assert again[0] == a[5]
+
+
+def test_batch_params_rows():
+    batch = sampling.BatchParams.of([SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=-1)], steps=[3])
+    assert batch.seeds[0] == (1 << 32) - 1 and batch.steps[0] == 3 and batch.top_k[0] == 5
+    np.testing.assert_allclose([batch.temperature[0], batch.top_p[0]], [0.7, 0.9])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"seed": "1"}, "seed"),
+    ({"stop_tokens": (-3,)}, "stop token"),
+])
+def test_bad_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)
+
+
+def test_stop_tokens_checked_against_the_vocab():
+    with pytest.raises(ValueError, match="stop token"):
+        SamplingParams(stop_tokens=(600,)).validate(vocab_size=512)
