@@ -122,3 +122,16 @@ def test_insert_replaces_one_row():
         assert not np.asarray(full[0]).any() and not np.asarray(full[2]).any()
     for full, row in zip(jax.tree.leaves(batch.unit), jax.tree.leaves(one.unit)):
         np.testing.assert_array_equal(np.asarray(full[:, 1]), np.asarray(row[:, 0]))
+
+
+def test_one_row_cache_on_a_data_sharded_mesh_is_replicated():
+    """A request's batch-1 prefill cache cannot split over `data`; it is replicated and still prefills."""
+    cfg, params, tokens, full = setup("M")
+    mesh = make_mesh(data=2, expert=2, tensor=2)
+    with jax.set_mesh(mesh):
+        one = cache_lib.init_cache(cfg, 1, 24, mesh=mesh)
+        assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(one))
+        batch = cache_lib.init_cache(cfg, 2, 24, mesh=mesh)
+        assert not batch.lengths.sharding.is_fully_replicated
+        last, one = decode.prefill(cfg, params, one, tokens[:1, :9], np.array([9]), chunk=4)
+    np.testing.assert_allclose(np.asarray(last[0]), full[0, 8], atol=1e-4 * np.abs(full).max())

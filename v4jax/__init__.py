@@ -7,8 +7,8 @@
         logits = v4jax.model.forward(cfg, params, tokens)
 """
 
-from v4jax import config, cost, hf, model, sharding
+from v4jax import config, cost, hf, model, serving, sharding
 from v4jax.config import ModelConfig, preset
 
-__all__ = ["ModelConfig", "config", "cost", "hf", "model", "preset", "sharding"]
+__all__ = ["ModelConfig", "config", "cost", "hf", "model", "preset", "serving", "sharding"]
 __version__ = "0.1.0"

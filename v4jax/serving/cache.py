@@ -10,6 +10,7 @@ include_state=True)` in the cache dtype's format predicts the floating-point byt
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,20 +75,41 @@ def _logical_axes(cache: Cache) -> Cache:
                  lengths=(Axis.BATCH,), max_len=cache.max_len)
 
 
-def cache_shardings(spec: Cache, mesh: jax.sharding.Mesh, rules=Preset.SERVE) -> Cache:
-    """NamedShardings for a cache on `mesh`: rows over the rules' batch axes, everything else replicated."""
+def cache_shardings(spec: Cache, mesh, rules=Preset.SERVE) -> Cache:
+    """NamedShardings for a cache on `mesh` (concrete or abstract): rows over the rules' batch axes, replicated
+    when the batch does not divide over them (e.g. a one-row prefill cache); everything else replicated."""
     rules, shape = get_rules(rules), dict(mesh.shape)
-    return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules, mesh_shape=shape)),
-                        _logical_axes(spec), is_leaf=lambda x: isinstance(x, tuple) and all(
-                            a is None or isinstance(a, str) for a in x))
+
+    def sharding(axes, leaf):
+        spec = logical_to_spec(axes, rules, mesh_shape=shape)
+        batch_dim = axes.index(Axis.BATCH)
+        names = spec[batch_dim] if batch_dim < len(spec) else None
+        names = (names,) if isinstance(names, str) else names or ()
+        if leaf.shape[batch_dim] % math.prod(shape[n] for n in names):
+            spec = logical_to_spec(tuple(None if a == Axis.BATCH else a for a in axes), rules, mesh_shape=shape)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(sharding, _logical_axes(spec), spec, is_leaf=_is_axes)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and len(x) > 0 and all(a is None or isinstance(a, str) for a in x)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, mesh: jax.sharding.Mesh | None = None, dtype=None,
                rules=Preset.SERVE) -> Cache:
     """An empty cache (zeros, lengths 0), created in its shardings when a mesh is given."""
+    rules_key = rules if isinstance(rules, str) else tuple(sorted(get_rules(rules).items()))
+    return _zeros_fn(cfg, batch, max_len, mesh, None if dtype is None else jnp.dtype(dtype).name, rules_key)()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_fn(cfg, batch, max_len, mesh, dtype, rules_key):
+    """One compiled initialiser per cache shape and placement (a new jit per call would compile every time)."""
     spec = cache_spec(cfg, batch, max_len, dtype)
+    rules = rules_key if isinstance(rules_key, str) else dict(rules_key)
     shardings = None if mesh is None else cache_shardings(spec, mesh, rules)
-    return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec), out_shardings=shardings)()
+    return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec), out_shardings=shardings)
 
 
 def cache_bytes(cache: Cache) -> int:

@@ -19,15 +19,16 @@ from flax import nnx
 
 from v4jax import model
 from v4jax.config import ModelConfig
-from v4jax.serving.cache import Cache, _logical_axes
-from v4jax.sharding import Preset, constrain, use_rules
+from v4jax.serving.cache import Cache, cache_shardings
+from v4jax.sharding import Preset, use_rules
 
 
 def _constrain_cache(cache: Cache) -> Cache:
-    """Pin every cache leaf to its logical sharding so the donated buffers come back in the same layout."""
-    axes = _logical_axes(cache)
-    return jax.tree.map(lambda a, ax: constrain(a, ax), cache, axes,
-                        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+    """Pin every cache leaf to its sharding so the donated buffers come back in the same layout."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return cache
+    return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cache, mesh))
 
 
 def _extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens: jax.Array, counts: jax.Array):
@@ -45,12 +46,11 @@ def _extend_jit(cfg, params, cache, tokens, counts):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(cfg, params, cache, tokens, counts, last):
-    """One prefill chunk; `last` [b, v] carries each row's logits at its latest real token so far."""
+def _prefill_chunk(cfg, params, cache, tokens, counts):
+    """One prefill chunk: each row's logits at its last real token of the chunk [b, v], and the cache."""
     logits, cache = _extend(cfg, params, cache, tokens, counts)
     at = jnp.clip(counts - 1, 0)[:, None, None]
-    chunk_last = jnp.take_along_axis(logits, at, axis=1)[:, 0]
-    return jnp.where((counts > 0)[:, None], chunk_last, last), cache
+    return jnp.take_along_axis(logits, at, axis=1)[:, 0], cache
 
 
 def extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts) -> tuple[jax.Array, Cache]:
@@ -80,10 +80,11 @@ def prefill(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts, c
     padded = np.zeros((tokens.shape[0], chunks * chunk), np.int32)
     width = min(tokens.shape[1], chunks * chunk)
     padded[:, :width] = tokens[:, :width]
-    last = jnp.zeros((tokens.shape[0], cfg.vocab_size), jnp.float32)
+    last = None
     for i in range(chunks):
         chunk_counts = np.clip(counts - i * chunk, 0, chunk).astype(np.int32)
-        last, cache = _prefill_chunk(cfg, params, cache, padded[:, i * chunk:(i + 1) * chunk], chunk_counts, last)
+        chunk_last, cache = _prefill_chunk(cfg, params, cache, padded[:, i * chunk:(i + 1) * chunk], chunk_counts)
+        last = chunk_last if last is None else jnp.where((chunk_counts > 0)[:, None], chunk_last, last)
     return last, cache
 
 
