@@ -25,7 +25,9 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Train tiny-v4 on the embedded stdlib corpus on the 8-device fake CPU mesh (data x expert x tensor).
+# Train tiny-v4 on the embedded stdlib corpus on the 8-device fake CPU mesh (data x expert x tensor), then
+# generate a continuation of two prompts from the saved checkpoint.
 demo: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m train.train --config tiny_v4 \
 		--workdir runs/demo --mesh data=2,expert=2,tensor=2
+	$(BIN)/python -m train.generate --checkpoint runs/demo --prompt "import os" --prompt "def main(" --max-tokens 48
