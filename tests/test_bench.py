@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from v4jax import bench, config
+from v4jax import bench, config, cost
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -98,22 +98,41 @@ def test_attention_bench_tiny():
 
 
 def test_attention_config_derives_mla_sizes_and_applies_settings():
+    derived = bench.attention_config(config.preset("tiny-v4"), "MSWCH")
+    assert (derived.kv_lora_rank, derived.qk_nope_head_dim, derived.v_head_dim) == (32, 16, 16)  # tiny-v3's
     cfg = bench.attention_config(config.preset("tiny-v4"), "MSWCH", **bench.ATTENTION_SETTINGS)
-    assert (cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim) == (32, 16, 16)
     assert (cfg.sliding_window, cfg.attention_block_size, cfg.csa_compress_ratio, cfg.hca_compress_ratio,
-            cfg.index_topk) == (128, 128, 4, 128, 64)
+            cfg.index_topk) == (128, 128, 4, 128, 512)
+    assert (cfg.head_dim, cfg.qk_rope_head_dim, cfg.index_head_dim) == (512, 64, 128)  # V4-Flash's
+    assert (cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim) == (512, 128, 128)  # V3's
     kept = bench.attention_config(config.preset("tiny-hybrid"), "MS")  # an MLA preset keeps its own sizes
     assert (kept.kv_lora_rank, kept.sliding_window) == (32, 16)
     with pytest.raises(ValueError, match="no V4 attention sizes"):
         bench.attention_config(config.preset("tiny-v3"), "W")
 
 
+def test_benchmark_settings_keep_v4_flash_proportions():
+    """Per query, the sparse attention (window + top-k entries, every head) and the indexer's scan of every visible
+    entry cost what they do in V4-Flash over its 16x more heads; so do the hidden and q-LoRA widths."""
+    cfg = bench.attention_config(config.preset("tiny-v4"), "WCH", **bench.ATTENTION_SETTINGS)
+    flash = config.preset("deepseek-v4-flash")
+    heads = flash.num_attention_heads // cfg.num_attention_heads
+    assert heads == flash.index_n_heads // cfg.index_n_heads == 16
+    for context in (2048, 32768):
+        ours, theirs = (cost.attention_keys(c, config.AttentionKind.CSA, context) for c in (cfg, flash))
+        assert ours == theirs  # (window + top-k, scanned entries) per query
+        core = [cost.attention_core_flops(c, config.AttentionKind.CSA, context) for c in (cfg, flash)]
+        assert core[1] == heads * core[0]
+    assert (cfg.hidden_size * heads, cfg.q_lora_rank * heads) == (flash.hidden_size, flash.q_lora_rank)
+
+
 def test_flops_ratios_at_the_benchmark_settings():
-    # By the cost model W grows linearly, M quadratically, H a little faster than linear (it reads every one of
-    # the t / 128 visible entries), C faster still (its indexer scans every one of the t / 4).
+    # By the cost model W grows linearly and M quadratically; H (every one of the t / 128 visible entries) and C
+    # (the indexer's scan of the t / 4) a little faster than linear at V4's proportions, below 1.5x linear.
     cfg = bench.attention_config(config.preset("tiny-v4"), "MWCH", **bench.ATTENTION_SETTINGS)
     ratio = {k: bench.flops_ratio(cfg, config.AttentionKind(k), 8192, 32768) for k in "MWCH"}
-    assert 3.9 < ratio["W"] < 4.1 < ratio["H"] < 6 < ratio["C"] < 8 < 15 < ratio["M"] < 16
+    assert 3.9 < ratio["W"] < 4.1 < ratio["H"] < ratio["C"] < 6
+    assert 14 < ratio["M"] < 16
 
 
 def test_interleaved_timing_caps_slow_runs_and_goes_round_robin():

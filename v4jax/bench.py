@@ -240,11 +240,21 @@ def forward(cfg: ModelConfig, *, seq: int, batch: int = 1, repeats: int = 5, lay
 # ---------------------------------------------------------------------------------------------------------------
 # the attention-scaling benchmark: one layer of each kind at several lengths
 
-# V4's own window and compression ratios (deepseek-v4-flash), a top-k that is small next to 32K / 4 entries, and a
-# kernel block the size of the window: at 2K-32K tokens the window and the compressed entries then cost what they
-# would in a real model, where the tiny presets' 8-token window and ratio 16 would make every kind look alike.
+# V4's own window, compression ratios, top-k and per-head widths (deepseek-v4-flash) at 4 of its 64 heads, so that
+# one query's costs keep the released proportions at a CPU-affordable size: attention over the window and the
+# top-512 entries (4 heads x 512) against the indexer's scan of every visible entry (4 heads x 128), as 64 x 512
+# against 64 x 128 in the release; per head 64 model dims, 16 q-LoRA dims and 128 output-LoRA dims (one output
+# group: 8 heads per group would not divide 4). M and S get V3's MLA widths (latent 512, nope 128, v 128, rope 64)
+# at the same 4 heads. The tiny presets' widths (entry 32, indexer 2 x 16, top-3) would instead let the indexer's
+# scan, which grows with the sequence, outweigh the attention it serves. At V4's proportions the scan (prefill
+# average) matches the window + top-k attention near 40K tokens and H's entries match its window at 32K: by the
+# cost model an ideal layer grows 5.4x (C) and 4.7x (H) from 8K to 32K tokens, the released layers 4.7x and 4.2x
+# (wider projections), the attention alone 6.5x and 6.4x. The kernel block is the window.
 ATTENTION_SETTINGS = {"sliding_window": 128, "attention_block_size": 128, "csa_compress_ratio": 4,
-                      "hca_compress_ratio": 128, "index_topk": 64}
+                      "hca_compress_ratio": 128, "index_topk": 512,
+                      "num_attention_heads": 4, "head_dim": 512, "qk_rope_head_dim": 64, "index_n_heads": 4,
+                      "index_head_dim": 128, "hidden_size": 256, "q_lora_rank": 64, "o_groups": 1,
+                      "o_lora_rank": 512, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "v_head_dim": 128}
 # A timing that would spend longer than this on its repeats times fewer of them (at least one).
 ATTENTION_BUDGET_S = 60.0
 _V4_SIZES = ("head_dim", "o_lora_rank", "q_lora_rank")
@@ -271,7 +281,7 @@ def attention_config(cfg: ModelConfig, kinds, **settings) -> ModelConfig:
     sizes, which V4 presets (tiny-v4) lack: any of `kv_lora_rank`, `qk_nope_head_dim`, `v_head_dim` below 1 is
     derived from the V4 entry width c = `head_dim`: kv_lora_rank = c (an MLA token then caches about what a V4
     token does: c + rope dims vs c), qk_nope_head_dim = v_head_dim = c // 2. For tiny-v4 (c = 32) these are
-    tiny-v3's own 32, 16, 16. W, C and H need V4 sizes (`head_dim`, `o_lora_rank`, ...), which MLA presets lack:
+    tiny-v3's own 32, 16, 16. Sizes in `settings` (ATTENTION_SETTINGS gives V3's) are used as given. W, C and H need V4 sizes (`head_dim`, `o_lora_rank`, ...), which MLA presets lack:
     those raise ValueError rather than guess. The pattern becomes `kinds` repeated over the layers, so the config's
     own validation checks every size the kinds need; nothing in one layer reads the pattern.
     """
@@ -280,8 +290,9 @@ def attention_config(cfg: ModelConfig, kinds, **settings) -> ModelConfig:
         raise ValueError("no attention kinds given")
     changes = dict(settings)
     if any(k in (AttentionKind.FULL, AttentionKind.SLIDING) for k in kinds):
-        width = cfg.head_dim
-        missing = [f for f in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim") if getattr(cfg, f) < 1]
+        width = changes.get("head_dim", cfg.head_dim)
+        missing = [f for f in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
+                   if getattr(cfg, f) < 1 and f not in changes]
         if missing and width < 2:
             raise ValueError(f"{cfg.name} has no MLA sizes ({', '.join(missing)}) and no V4 head_dim to derive "
                              f"them from; M/S layers need an MLA or V4 preset")
@@ -364,8 +375,9 @@ def attention_markdown(result: dict) -> str:
     seqs, kinds = r["seqs"], r["kinds"]
     row = {(x["kind"], x["seq"]): x for x in r["layers"]}
     fewer = [x for x in r["layers"] if x["repeats"] < r["repeats"]]
-    header = (f"One attention layer per kind, {r['config']} sizes (hidden {s['hidden_size']}, "
-              f"{s['num_attention_heads']} heads, rope {s['qk_rope_head_dim']}, {s['dtype']}): "
+    header = (f"One attention layer per kind ({r['config']} with hidden {s['hidden_size']}, "
+              f"{s['num_attention_heads']} heads, q-LoRA {s['q_lora_rank']}, rope {s['qk_rope_head_dim']}, "
+              f"{s['dtype']}): "
               f"window {s['sliding_window']}, block {s['attention_block_size']}")
     if "C" in kinds:
         header += (f", C ratio {s['csa_compress_ratio']} top-{s['index_topk']} "
@@ -377,8 +389,8 @@ def attention_markdown(result: dict) -> str:
     if any(k in kinds for k in "MS"):
         header += f", MLA kv_lora {s['kv_lora_rank']} / nope {s['qk_nope_head_dim']} / v {s['v_head_dim']}"
     out = [header + ".",
-           f"{r['backend']} x{r['devices']}, batch {r['batch']}, median of {r['repeats']} after a warm-up, each kind's "
-           f"lengths timed round-robin (compile excluded); ms per layer forward.", ""]
+           (f"{r['backend']} x{r['devices']}, batch {r['batch']}, median of {r['repeats']} after a warm-up, each "
+            f"kind's lengths timed round-robin (compile excluded); ms per layer forward."), ""]
     columns = [f"{t} ms" for t in seqs]
     if growth:
         short, long = seqs[-2:]
@@ -396,8 +408,8 @@ def attention_markdown(result: dict) -> str:
                 + ", ".join(f"{x['kind']} at {x['seq']}: {x['repeats']}" for x in fewer) + ")."]
     if growth:
         short, long = seqs[-2:]
-        out += ["", f"From {short} to {long} tokens ({long / short:g}x; linear-ish: at most "
-                    f"{1.5 * long / short:g}x the time):"]
+        out += ["", (f"From {short} to {long} tokens ({long / short:g}x; linear-ish: at most "
+                     f"{1.5 * long / short:g}x the time):")]
         out += [f"- {k}: {g['measured']:.2f}x the time, exponent {g['exponent']:.2f} -> {g['verdict']}"
                 for k, g in growth.items()]
     out += ["", "Compile seconds (not in the times above):", ""]

@@ -11,8 +11,10 @@ All softmax arithmetic is float32. MLA (`M`, `S`) has three implementations with
              (block + window, rounded up to blocks), O(t * window) compute and memory.
 
 V4 (`W`, `C`, `H`; shared K=V entries, per-head sinks) has `v4_reference` (dense mask over the raw + compressed
-entries) and `v4_blockwise`: per query block, the window band, then for `H` every compressed entry (t / 128 of
-them) and for `C` only the indexer's top-k entries gathered per query, O(t x k) memory and FLOPs.
+entries) and `v4_blockwise`: per query block, an online softmax over the window band, then for `H` the compressed
+entries visible so far (about t / 128) in chunks, and for `C` the indexer's top-k entries gathered per query, the
+indexer scoring only the chunks of entries visible so far (about t / 4) and keeping a running top-k. Chunks of
+entries past a query block are skipped, as `blockwise` skips key blocks past the diagonal.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def blockwise(q, k, v, segment_ids, scale: float, block: int) -> jax.Array:
 
 
 def banded(q, k, v, segment_ids, scale: float, window: int, block: int) -> jax.Array:
-    b, t, n, _ = q.shape
+    t = q.shape[1]
     block = min(block, t)
     padded = math.ceil(t / block) * block
     reach = math.ceil((window - 1) / block) * block  # keys before a query block that its window can touch
@@ -134,9 +136,11 @@ class Selection:
     topk: int = struct.field(pytree_node=False)
     scale: float = struct.field(pytree_node=False)
 
-    def scores(self, queries, weights) -> jax.Array:
-        """[b, t, h, i], [b, t, h] -> [b, t, w]: sum_h weight * relu(q . k) * scale."""
-        dots = jnp.einsum("bthi,bwi->bthw", queries, self.keys, preferred_element_type=jnp.float32)
+    def scores(self, queries, weights, keys: jax.Array | None = None) -> jax.Array:
+        """[b, t, h, i], [b, t, h] -> [b, t, w]: sum_h weight * relu(q . k) * scale, over `keys` [b, w, i] (by
+        default all of them)."""
+        keys = self.keys if keys is None else keys
+        dots = jnp.einsum("bthi,bwi->bthw", queries, keys, preferred_element_type=jnp.float32)
         return jnp.einsum("bthw,bth->btw", jax.nn.relu(dots) * self.scale, weights)
 
 
@@ -205,8 +209,36 @@ def v4_reference(q, kv, segment_ids, sinks, scale: float, window: int, block: in
     return sum(jnp.einsum("bnts,bsc->btnc", p.astype(v.dtype), v) for p, v in zip(probs, values))
 
 
+# `v4_blockwise`'s defaults (see there): entries whose indexer scores are merged into the running top-k at once, in
+# units of the top-k; the most bytes of top-k entries gathered at once.
+SPAN_TOPKS = 32
+GATHER_BYTES = 2 ** 21
+
+
 def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: int,
-                 compressed: Compressed | None) -> jax.Array:
+                 compressed: Compressed | None, *, chunk: int | None = None, span: int | None = None,
+                 gather: int | None = None) -> jax.Array:
+    """Per query block of `block` tokens (each rematerialised in the backward pass): an online softmax, seeded with
+    the per-head sink (in the denominator, its probability dropped), over the window band, then
+
+      H  the compressed entries, `chunk` at a time (default `block`); chunks holding no entry the block can see yet
+         (entry s is visible to query t iff s < (t + 1) // m) are skipped by `lax.cond`, so a block reads about
+         the t / m entries before it rather than all of them;
+      C  each query's top-k entries, gathered `gather` queries at a time (default: as many as fit GATHER_BYTES, so
+         the gathered rows stay in cache). The lightning indexer scores `chunk` entries at a time (default
+         max(block, top-k)), only the chunks the block can see (same skip), into rows of `span` entries (default
+         SPAN_TOPKS x top-k, whole chunks; -inf where not visible); each span is merged into a running top-k by
+         `lax.top_k` over [running, span]. Running first, so ties keep the lower entry index and the chosen set is
+         exactly that of one `lax.top_k` over the whole row, as in `v4_reference`; spans past the block are
+         skipped. No gradient reaches the indexer.
+
+    At most one partly visible chunk per query block is computed in vain: one key block's worth for H, one top-k's
+    worth of index scores for C. Spans are long because each `lax.top_k` call also heap-sorts its k winners: on
+    XLA:CPU a 128-query merge of 512 running + 512 new scores takes ~10 ms, more than scoring the 512, so merging
+    often would cost more than the scan; up to SPAN_TOPKS x top-k entries (64K tokens at ratio 4, top-512) there
+    is a single span and no merge. Memory per block: O(block x (k + span)) index scores and O(gather x k x c)
+    gathered entries (C), O(block x chunk) scores (H).
+    """
     b, t, n, c = q.shape
     block = min(block, t)
     padded = math.ceil(t / block) * block
@@ -215,34 +247,155 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
     kvp = jnp.pad(_pad_time(kv, padded), ((0, 0), (reach, 0), (0, 0)))
     segp = jnp.pad(seg, ((0, 0), (reach, 0)), constant_values=-1)
     per_block = {"q": _blocks(_pad_time(q, padded), block), "seg": _blocks(seg, block)}
-    if compressed is not None and compressed.selection is not None:
-        sel = compressed.selection
-        per_block["index_q"] = _blocks(_pad_time(sel.queries, padded), block)
-        per_block["index_w"] = _blocks(_pad_time(sel.weights, padded), block)
+    if compressed is not None:
+        w = compressed.entries.shape[1]
+        k = 0 if compressed.selection is None else min(compressed.selection.topk, w)
+        chunk = min(chunk or max(block, k), w)
+        chunks = math.ceil(w / chunk)
+        # [chunks, b, chunk, ...]; padded entries carry a segment no query has
+        entry_chunks = {"seg": _blocks(_pad_time(compressed.entry_segment, chunks * chunk, INVALID_SEGMENT), chunk)}
+        if compressed.selection is None:
+            entry_chunks["entries"] = _blocks(_pad_time(compressed.entries, chunks * chunk), chunk)
+        else:
+            sel = jax.lax.stop_gradient(compressed.selection)
+            span = min(math.ceil(max(span or SPAN_TOPKS * k, k) / chunk), chunks) * chunk
+            row = k * c * compressed.entries.dtype.itemsize
+            gather = max(1, min(gather or GATHER_BYTES // row, block))
+            while block % gather:
+                gather -= 1
+            entry_chunks["keys"] = _blocks(_pad_time(sel.keys, chunks * chunk), chunk)
+            per_block["index_q"] = _blocks(_pad_time(sel.queries, padded), block)
+            per_block["index_w"] = _blocks(_pad_time(sel.weights, padded), block)
 
     @jax.checkpoint
     def query_block(i, inputs):
         start = i * block
+        q_i, seg_i = inputs["q"], inputs["seg"]
         q_index = start + jnp.arange(block)
         key_index = start - reach + jnp.arange(reach + block)
         kv_i = jax.lax.dynamic_slice_in_dim(kvp, start, reach + block, axis=1)
         seg_k = jax.lax.dynamic_slice_in_dim(segp, start, reach + block, axis=1)
-        band = masks.visible(q_index, key_index, inputs["seg"], seg_k, window) & (key_index >= 0)
-        scores = jnp.einsum("btnc,bsc->bnts", inputs["q"], kv_i, preferred_element_type=jnp.float32) * scale
-        parts, values = [(scores, band[:, None])], [("bnts,bsc->btnc", kv_i)]
+        band = masks.visible(q_index, key_index, seg_i, seg_k, window) & (key_index >= 0)
+        state = (jnp.broadcast_to(sinks[None, :, None], (b, n, block)), jnp.ones((b, n, block), jnp.float32),
+                 jnp.zeros((b, n, block, c), jnp.float32))
+        scores = jnp.einsum("btnc,bsc->bnts", q_i, kv_i, preferred_element_type=jnp.float32) * scale
+        state = _absorb(state, scores, band[:, None], kv_i, "bnts,bsc->bntc")
         if compressed is not None:
-            visible = compressed.visible(q_index, inputs["seg"])
-            if compressed.selection is None:  # HCA: every entry (t / m of them), masked
-                entries, spec, mask = compressed.entries, "bnts,bsc->btnc", visible
-                entry_scores = jnp.einsum("btnc,bwc->bntw", inputs["q"], entries, preferred_element_type=jnp.float32)
-            else:  # CSA: gather the top-k entries of each query
-                chosen, mask = _topk_entries(compressed, visible, inputs["index_q"], inputs["index_w"])
-                entries, spec = jax.vmap(lambda e, idx: e[idx])(compressed.entries, chosen), "bntk,btkc->btnc"
-                entry_scores = jnp.einsum("btnc,btkc->bntk", inputs["q"], entries, preferred_element_type=jnp.float32)
-            parts.append((entry_scores * scale, mask[:, None]))
-            values.append((spec, entries))
-        probs = _softmax_with_sink(parts, sinks)
-        return sum(jnp.einsum(spec, p.astype(v.dtype), v) for p, (spec, v) in zip(probs, values))
+            limit = (q_index + 1) // compressed.ratio  # query t sees entries below limit[t] (of its document)
+            if compressed.selection is None:
+                state = _chunked_entries(state, q_i, seg_i, limit, entry_chunks, chunk, scale)
+            else:
+                chosen, real = _chunked_topk(sel, inputs["index_q"], inputs["index_w"], seg_i, limit, entry_chunks,
+                                             chunk, span, k)
+                state = _merge(state, _topk_state(q_i, compressed.entries, chosen, real, scale, gather))
+        _, l, acc = state
+        return jnp.einsum("bntc->btnc", acc / l[..., None]).astype(kv.dtype)
 
     out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(padded // block), per_block))
     return _unblock(out)[:, :t]
+
+
+def _merge(a, b):
+    """Two online-softmax states over disjoint key sets -> the state over their union."""
+    m = jnp.maximum(a[0], b[0])
+    ca, cb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, a[1] * ca + b[1] * cb, a[2] * ca[..., None] + b[2] * cb[..., None]
+
+
+def _topk_state(q, entries, chosen, real, scale: float, sub: int):
+    """The online-softmax state of queries q [b, t, n, c] over their own gathered entries (`chosen` [b, t, k] of
+    entries [b, w, c], masked by `real`), `sub` queries' entries gathered at a time."""
+    def part(q, chosen, real):  # [b, s, n, c], [b, s, k], [b, s, k] -> [b, s, n] (max, sum), [b, s, n, c]
+        gathered = jax.vmap(lambda e, idx: e[idx])(entries, chosen)  # [b, s, k, c]
+        scores = jnp.einsum("bskc,bsnc->bskn", gathered, q, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(real[..., None], scores, _NEG)
+        m = scores.max(2)
+        probs = jnp.where(real[..., None], jnp.exp(scores - m[:, :, None]), 0.0)
+        acc = jnp.einsum("bskn,bskc->bsnc", probs.astype(entries.dtype), gathered,
+                         preferred_element_type=jnp.float32)
+        return m, probs.sum(2), acc
+
+    if sub >= q.shape[1]:
+        m, l, acc = part(q, chosen, real)
+    else:
+        m, l, acc = (_unblock(x) for x in jax.lax.map(lambda a: part(*a), tuple(_blocks(x, sub) for x in
+                                                                               (q, chosen, real))))
+    return jnp.einsum("btn->bnt", m), jnp.einsum("btn->bnt", l), jnp.einsum("btnc->bntc", acc)
+
+
+def _absorb(state, scores, mask, values, spec: str):
+    """Fold one more part into an online softmax: state (running max, denominator [b, n, t], float32 weighted sum
+    [b, n, t, c]), scores [b, n, t, s] float32 (scaled), mask broadcastable to them, values read by `spec`."""
+    m, l, acc = state
+    scores = jnp.where(mask, scores, _NEG)
+    m_new = jnp.maximum(m, scores.max(-1))
+    probs = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    pv = jnp.einsum(spec, probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return m_new, l * correction + probs.sum(-1), acc * correction[..., None] + pv
+
+
+def _chunk_visible(first: jax.Array, chunk: int, limit, q_segment, entry_segment) -> jax.Array:
+    """Entries first .. first + chunk - 1 for queries with visibility `limit` [t]: bool [b, t, chunk]."""
+    complete = (first + jnp.arange(chunk))[None, :] < limit[:, None]
+    return complete[None] & (q_segment[:, :, None] == entry_segment[:, None, :])
+
+
+def _chunked_entries(state, q, q_segment, limit, entry_chunks, chunk: int, scale: float):
+    """HCA: every visible compressed entry, a chunk at a time; chunks past the block's last query are skipped."""
+    def step(state, xs):
+        j, entries, entry_segment = xs
+
+        def update(state):
+            visible = _chunk_visible(j * chunk, chunk, limit, q_segment, entry_segment)
+            scores = jnp.einsum("btnc,bsc->bnts", q, entries, preferred_element_type=jnp.float32) * scale
+            return _absorb(state, scores, visible[:, None], entries, "bnts,bsc->bntc")
+
+        return jax.lax.cond(j * chunk < limit[-1], update, lambda s: s, state), None
+
+    xs = (jnp.arange(entry_chunks["seg"].shape[0]), entry_chunks["entries"], entry_chunks["seg"])
+    return jax.lax.scan(step, state, xs)[0]
+
+
+def _chunked_topk(sel: Selection, queries, weights, q_segment, limit, entry_chunks, chunk: int, span: int, k: int):
+    """CSA: the top-k visible entries per query of a block by index score, scoring only chunks the block can see:
+    (indices [b, t, k], whether each is a real visible entry). See `v4_blockwise`."""
+    b, t = q_segment.shape
+    per_span = span // chunk
+    chunks = entry_chunks["seg"].shape[0]
+    spans = math.ceil(chunks / per_span)
+    grouped = [_pad_time(jnp.moveaxis(entry_chunks[name], 0, 1), spans * per_span, fill)
+               for name, fill in (("keys", 0), ("seg", INVALID_SEGMENT))]  # [b, spans * per_span, ...]
+    keys, seg = (jnp.moveaxis(x.reshape(b, spans, per_span, *x.shape[2:]), (1, 2), (0, 1)) for x in grouped)
+
+    def span_scores(s, keys_s, seg_s):  # -> [b, t, span], -inf where not visible (or never scored)
+        def step(_, xs):
+            j, keys_j, seg_j = xs
+            first = (s * per_span + j) * chunk
+
+            def score(_):
+                visible = _chunk_visible(first, chunk, limit, q_segment, seg_j)
+                return jnp.where(visible, sel.scores(queries, weights, keys_j), -jnp.inf)
+
+            skipped = jnp.full((b, t, chunk), -jnp.inf, jnp.float32)
+            return None, jax.lax.cond(first < limit[-1], score, lambda _: skipped, None)
+
+        scores = jax.lax.scan(step, None, (jnp.arange(per_span), keys_s, seg_s))[1]  # [per_span, b, t, chunk]
+        return jnp.moveaxis(scores, 0, 2).reshape(b, t, span)
+
+    values, index = jax.lax.top_k(span_scores(0, keys[0], seg[0]), k)
+
+    def merge(carry, xs):
+        s, keys_s, seg_s = xs
+
+        def update(carry):
+            values, index = carry
+            values, pos = jax.lax.top_k(jnp.concatenate([values, span_scores(s, keys_s, seg_s)], -1), k)
+            fresh = jnp.broadcast_to(s * span + jnp.arange(span), (b, t, span))
+            return values, jnp.take_along_axis(jnp.concatenate([index, fresh], -1), pos, axis=-1)
+
+        return jax.lax.cond(s * span < limit[-1], update, lambda c: c, carry), None
+
+    if spans > 1:
+        (values, index), _ = jax.lax.scan(merge, (values, index), (jnp.arange(1, spans), keys[1:], seg[1:]))
+    return index, values > -jnp.inf
