@@ -27,13 +27,12 @@ import jax.numpy as jnp
 
 from v4jax.attention.compressed import V4Attention
 from v4jax.attention.compressor import Compressor
-from v4jax.attention.kernels import INVALID_SEGMENT, Selection
+from v4jax.attention.kernels import INVALID_SEGMENT, softmax_parts
 from v4jax.attention.mla import MLA
 from v4jax.config import AttentionKind, ModelConfig
 from v4jax.layers import rope
 from v4jax.layers.linear import read
 
-_NEG = -1e30
 LayerCache = dict[str, jax.Array]
 
 
@@ -104,22 +103,6 @@ def _key_mask(q_pos, key_pos, key_real, window: int | None) -> jax.Array:
     return visible[:, None]
 
 
-def _softmax(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None = None) -> list[jax.Array]:
-    """Softmax over the concatenated key axes of several (scores [b, n, t, *], mask) parts, float32, with an
-    optional per-head sink logit in the denominator (its probability dropped)."""
-    masked = [jnp.where(mask, scores, _NEG) for scores, mask in parts]
-    top = masked[0].max(-1)
-    for scores in masked[1:]:
-        top = jnp.maximum(top, scores.max(-1))
-    if sinks is not None:
-        top = jnp.maximum(top, sinks[None, :, None])
-    exps = [jnp.where(mask, jnp.exp(s - top[..., None]), 0.0) for s, (_, mask) in zip(masked, parts)]
-    denominator = sum(e.sum(-1) for e in exps)
-    if sinks is not None:
-        denominator = denominator + jnp.exp(sinks[None, :, None] - top)
-    return [e / denominator[..., None] for e in exps]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # MLA (M, S)
 
@@ -138,7 +121,7 @@ def mla_extend(attn: MLA, x: jax.Array, cache: LayerCache, start: jax.Array, cou
         keys = keys.astype(dtype)
         scores = (jnp.einsum("btnr,bsr->bnts", q_latent, keys[..., :r], preferred_element_type=jnp.float32)
                   + jnp.einsum("btnp,bsp->bnts", q[..., nope:], keys[..., r:], preferred_element_type=jnp.float32))
-        (probs,) = _softmax([(scores * attn.scale, _key_mask(q_pos, key_pos, key_real, attn.window))])
+        (probs,) = softmax_parts([(scores * attn.scale, _key_mask(q_pos, key_pos, key_real, attn.window))])
         out_latent = jnp.einsum("bnts,bsr->btnr", probs.astype(dtype), keys[..., :r])
         out = jnp.einsum("btnr,rnv->btnv", out_latent, w_uv)
     with jax.named_scope("mla_output"):
@@ -210,7 +193,7 @@ def v4_extend(attn: V4Attention, x: jax.Array, cache: LayerCache, start: jax.Arr
         values.append(value)
         new_cache |= compressed
     with jax.named_scope("v4_kernel"):
-        probs = _softmax(parts, attn.sinks[...].astype(jnp.float32))
+        probs = softmax_parts(parts, attn.sinks[...].astype(jnp.float32))
         out = sum(jnp.einsum(spec, p.astype(dtype), v) for p, (spec, v) in zip(probs, values))
     return attn.output(out, cos, sin), new_cache
 
@@ -236,23 +219,13 @@ def _compressed_part(attn: V4Attention, x, q, q_latent, q_pos, cache, start, cou
                                                            cache["index_state_kv"], cache["index_state_gate"],
                                                            start, count, rotate)
         updated |= {"index_keys": index_keys, "index_state_kv": index_kv, "index_state_gate": index_gate}
-        selection = _index_selection(indexer, x, q_latent, q_pos, attn.rope_tables, index_keys.astype(jnp.float32))
+        selection = indexer.select(x, q_latent, q_pos, attn.rope_tables, index_keys.astype(jnp.float32))
         scores = jnp.where(visible, selection.scores(selection.queries, selection.weights), -jnp.inf)
         _, chosen = jax.lax.top_k(scores, min(selection.topk, entries.shape[1]))
         real = jnp.take_along_axis(visible, chosen, axis=-1)
         gathered = jax.vmap(lambda e, index: e[index])(entries, chosen)  # [b, t, k, c]
     scores = jnp.einsum("btnc,btkc->bntk", q, gathered, preferred_element_type=jnp.float32)
     return (scores * attn.scale, real[:, None]), ("bntk,btkc->btnc", gathered), updated
-
-
-def _index_selection(indexer, x, q_latent, q_pos, rope_tables, keys) -> Selection:
-    """The chunk's indexer queries and head weights against the cached indexer keys (as `Indexer.__call__`)."""
-    cfg = indexer.cfg
-    queries = jnp.einsum("btq,qhi->bthi", q_latent.astype(jnp.float32), indexer.wq_b[...].astype(jnp.float32))
-    queries = rope.rotate_tail(queries, *rope_tables(q_pos))
-    weights = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), indexer.weights_proj[...].astype(jnp.float32))
-    return Selection(queries=queries, weights=weights * cfg.index_n_heads ** -0.5, keys=keys,
-                     topk=cfg.index_topk, scale=cfg.index_head_dim ** -0.5)
 
 
 def extend(attn, x: jax.Array, cache: LayerCache, start: jax.Array, count: jax.Array):

@@ -34,6 +34,12 @@ class Indexer(nnx.Module):
         keys, _ = self.compressor(x, segment_ids)
         keys = rope.rotate_tail(keys, *rope_tables(block_start_positions(positions, cfg.csa_compress_ratio,
                                                                          keys.shape[1])))
+        return self.select(x, q_latent, positions, rope_tables, keys)
+
+    def select(self, x, q_latent, positions, rope_tables, keys) -> Selection:
+        """The queries and head weights of tokens x [b, t, d] against (rotated) compressed keys [b, w, i]; serving
+        passes its cached keys."""
+        cfg = self.cfg
         queries = jnp.einsum("btq,qhi->bthi", q_latent.astype(jnp.float32), self.wq_b[...].astype(jnp.float32))
         queries = rope.rotate_tail(queries, *rope_tables(positions))
         weights = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), self.weights_proj[...].astype(jnp.float32))

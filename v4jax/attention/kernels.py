@@ -170,14 +170,19 @@ def _topk_entries(compressed: Compressed, visible, queries, weights):
     return index, jnp.take_along_axis(visible, index, axis=-1)
 
 
-def _softmax_with_sink(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array) -> list[jax.Array]:
-    """Softmax over the concatenation of several (scores [b, n, t, *], mask) parts plus one sink logit per head,
-    the sink's probability dropped. Scores are float32 and already scaled; the sink is not scaled."""
+def softmax_parts(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None = None) -> list[jax.Array]:
+    """Softmax over the concatenation of several (scores [b, n, t, *], mask) parts, optionally with one sink logit
+    per head in the denominator (its probability dropped). Scores are float32 and already scaled; the sink is not
+    scaled. A row with nothing visible and no sink (a padding query in serving) gets zeros, not NaN."""
     masked = [jnp.where(mask, scores, _NEG) for scores, mask in parts]
-    sink = sinks[None, :, None]
-    top = jnp.maximum(_row_max(masked), sink)
+    top = _row_max(masked)
+    if sinks is not None:
+        top = jnp.maximum(top, sinks[None, :, None])
     exps = [jnp.where(mask, jnp.exp(s - top[..., None]), 0.0) for s, (_, mask) in zip(masked, parts)]
-    denominator = sum(e.sum(-1) for e in exps) + jnp.exp(sink - top)
+    denominator = sum(e.sum(-1) for e in exps)
+    if sinks is not None:
+        denominator = denominator + jnp.exp(sinks[None, :, None] - top)
+    denominator = jnp.where(denominator > 0, denominator, 1.0)
     return [e / denominator[..., None] for e in exps]
 
 
@@ -205,7 +210,7 @@ def v4_reference(q, kv, segment_ids, sinks, scale: float, window: int, block: in
         entry_scores = jnp.einsum("btnc,bwc->bntw", q, compressed.entries, preferred_element_type=jnp.float32)
         parts.append((entry_scores * scale, visible[:, None]))
         values.append(compressed.entries)
-    probs = _softmax_with_sink(parts, sinks)
+    probs = softmax_parts(parts, sinks)
     return sum(jnp.einsum("bnts,bsc->btnc", p.astype(v.dtype), v) for p, v in zip(probs, values))
 
 
