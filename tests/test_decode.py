@@ -135,3 +135,14 @@ def test_one_row_cache_on_a_data_sharded_mesh_is_replicated():
         assert not batch.lengths.sharding.is_fully_replicated
         last, one = decode.prefill(cfg, params, one, tokens[:1, :9], np.array([9]), chunk=4)
     np.testing.assert_allclose(np.asarray(last[0]), full[0, 8], atol=1e-4 * np.abs(full).max())
+
+
+def test_an_idle_slot_is_finite_and_changes_nothing():
+    """An inactive row that never held a token sees no key at all: zeros, not NaN, and no effect on its neighbours
+    (a NaN would spread through the MoE dispatch)."""
+    cfg, params, tokens, full = setup("M")
+    cache = cache_lib.init_cache(cfg, 2, 16)
+    logits, cache = decode.decode_step(cfg, params, cache, tokens[:, 0], np.array([True, False]))
+    assert np.isfinite(np.asarray(logits)).all()
+    np.testing.assert_allclose(np.asarray(logits[0]), full[0, 0], atol=1e-4 * np.abs(full).max())
+    assert np.asarray(cache.lengths).tolist() == [1, 0]
