@@ -41,3 +41,34 @@ def test_set_parses_by_field_type():
         "model.swiglu_limit=none", "model.norm_topk_prob=false"])
     assert run.train.learning_rate == 1e-4 and run.train.steps == 7 and run.train.optimizer.value == "adamw"
     assert run.model.num_hidden_layers == 3 and run.model.swiglu_limit is None and not run.model.norm_topk_prob
+
+
+def _token_dir(root, corrupt_id: int | None = None):
+    """A prepared byte-token directory; `corrupt_id` overwrites its third token (a shard holding a bad id)."""
+    from v4jax.training import data
+
+    (root / "doc.txt").write_text("def f(x):\n    return x + 1\n")
+    out = root / "tokens"
+    data.prepare([root / "doc.txt"], out, "bytes")
+    if corrupt_id is not None:
+        shard = out / "tokens-00000.bin"
+        tokens = bytearray(shard.read_bytes())
+        tokens[4:6] = corrupt_id.to_bytes(2, "little")  # uint16 shards
+        shard.write_bytes(bytes(tokens))
+    return out
+
+
+@pytest.mark.parametrize("case, sets, message", [
+    ("missing", [], "does not exist"),
+    ("bad ids", [], "token id 1000 >= vocab_size 512"),
+    ("small vocab", ["model.vocab_size=200"], "has 259 token ids but the model's vocab_size is 200"),
+])
+def test_bad_data_path_is_one_line_and_exit_2(tmp_path, capsys, case, sets, message):
+    path = tmp_path / "nowhere" if case == "missing" else _token_dir(tmp_path, 1000 if case == "bad ids" else None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "tiny_v3", "--set", f"train.data={path}", *(a for s in sets for a in ("--set", s)),
+                  "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert err.startswith("python -m train.train: error: ")
+    assert not (tmp_path / "run").exists()

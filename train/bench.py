@@ -5,6 +5,9 @@
     python -m train.bench attention --kinds M,S,W,C,H --seq 2048,8192,32768 [--config tiny-v4] [--window 128]
                                     [--topk 64] [--block 128] [--batch 1] [--repeats 3] [--json out.json]
 
+    python -m train.bench train --config bench_cpu [--steps 5] [--warmup 1] [--set key=value ...] [--mesh ...]
+                                [--json out.json]
+
 Prints Markdown tables on stdout (progress on stderr).
 `forward`: whole-model forward tokens/s, the split of attention time between `M` (full MLA) and `S`
 (sliding-window MLA) layers, and one S layer's cost relative to one M layer at `--layer-seq` tokens next to the
@@ -14,6 +17,8 @@ lengths next to the ideal linear and quadratic ratios, and a verdict per kind (l
 ratio). The layers take the preset's sizes with V4's window 128 and compression ratios 4 / 128, top-64 and block
 128 (`v4jax.bench.ATTENTION_SETTINGS`); M/S layers of a V4 preset get MLA sizes derived from its head_dim
 (`v4jax.bench.attention_config`).
+`train`: step time, tokens/s and MFU of a `configs/` run's train step against the CPU matmul peak measured in the
+same run (`v4jax.training.bench`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ def _parser():
     att.add_argument("--batch", type=int, default=1)
     att.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
     att.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    trn = commands.add_parser("train", help="train step time, tokens/s and MFU of a run in configs/")
+    trn.add_argument("--config", required=True, help="a module in configs/ (bench_cpu, tiny_v4, ...)")
+    trn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    trn.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    trn.add_argument("--warmup", type=int, default=1, help="untimed steps after the compile")
+    trn.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=2,tensor=2")
+    trn.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
 
 
@@ -90,6 +103,27 @@ def _attention(parser, args) -> int:
     return 0
 
 
+def _train(parser, args) -> int:
+    from v4jax import bench, sharding
+    from v4jax.training import bench as train_bench
+    from v4jax.training import loop, overrides
+
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    try:
+        run = overrides.apply(overrides.load_config(args.config), args.set)
+        sizes = dict(part.split("=") for part in args.mesh.split(",") if part)
+        mesh = sharding.make_mesh(**{k: int(v) for k, v in sizes.items()}) if sizes else None
+        dataset = loop.make_dataset(run)
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(" ".join(line.strip() for line in str(error).splitlines()))
+    result = train_bench.train(run, steps=args.steps, warmup=args.warmup, mesh=mesh, name=args.config,
+                               dataset=dataset, progress=bench.stderr_progress)
+    print(train_bench.text(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         with open(path, "w") as f:
@@ -102,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "train":  # --config names a run in configs/, not a preset
+        return _train(parser, args)
     if args.config not in config.PRESETS:
         parser.error(f"unknown preset {args.config!r}; known: {', '.join(sorted(config.PRESETS))}")
     if args.command == "attention":

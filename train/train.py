@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         sizes = dict(part.split("=") for part in args.mesh.split(",") if part)
         mesh = sharding.make_mesh(**{k: int(v) for k, v in sizes.items()}) if sizes else None
         checkpoint.check_compatible(args.workdir, run.to_dict())
-    except (ValueError, TypeError) as error:
+        dataset = loop.make_dataset(run)  # a missing path or token ids >= vocab_size fail here, nothing written
+    except (ValueError, TypeError, OSError) as error:
         parser.error(" ".join(line.strip() for line in str(error).splitlines()))
     print(json.dumps(run.to_dict(), indent=1, default=str), file=sys.stderr)
     print(run.model.summary(), file=sys.stderr)
     try:
-        result = loop.train(run, args.workdir, mesh)
+        result = loop.train(run, args.workdir, mesh, dataset=dataset)
     except loop.TrainingDiverged as error:
         parser.error(str(error))
     print(f"trained to step {result.step}, loss {result.loss:.3f}; checkpoints in {args.workdir}")

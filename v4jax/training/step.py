@@ -183,10 +183,13 @@ def summarize(metrics: dict, load: jax.Array | None, micro_count: int) -> dict[s
 
 
 def init_state(run: RunConfig, optimizer: optax.GradientTransformation, key: jax.Array, mesh=None) -> TrainState:
+    """A fresh train state on `mesh`, or without one committed to the first local device: where a checkpoint
+    restore puts it, so a fresh and a resumed run jit the same program (one compile, one cache entry)."""
     params, extras = split_model_state(model.init(run.model, key, mesh=mesh))
-    return TrainState(step=_replicated(jnp.zeros((), jnp.int32), mesh), params=params, extras=extras,
-                      opt_state=_optimizer_init(optimizer, params, mesh)(params),
-                      rng=_replicated(jax.random.key_data(jax.random.key(run.train.seed)), mesh))
+    state = TrainState(step=_replicated(jnp.zeros((), jnp.int32), mesh), params=params, extras=extras,
+                       opt_state=_optimizer_init(optimizer, params, mesh)(params),
+                       rng=_replicated(jax.random.key_data(jax.random.key(run.train.seed)), mesh))
+    return jax.device_put(state, jax.local_devices()[0]) if mesh is None else state
 
 
 def _replicated(x, mesh):
