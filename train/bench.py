@@ -8,17 +8,22 @@
     python -m train.bench train --config bench_cpu [--steps 5] [--warmup 1] [--set key=value ...] [--mesh ...]
                                 [--json out.json]
 
+    python -m train.bench decode --config tiny-v4 --batch 1,8 --context 1024,8192 [--steps 16] [--chunk 512]
+                                 [--no-transformers] [--json out.json]
+
 Prints Markdown tables on stdout (progress on stderr).
 `forward`: whole-model forward tokens/s, the split of attention time between `M` (full MLA) and `S`
 (sliding-window MLA) layers, and one S layer's cost relative to one M layer at `--layer-seq` tokens next to the
 FLOP ratios the kernels predict.
 `attention`: ms per layer for one layer of each kind at each length, the time ratio between the two longest
 lengths next to the ideal linear and quadratic ratios, and a verdict per kind (linear-ish: at most 1.5x the token
-ratio). The layers take the preset's sizes with V4's window 128 and compression ratios 4 / 128, top-64 and block
-128 (`v4jax.bench.ATTENTION_SETTINGS`); M/S layers of a V4 preset get MLA sizes derived from its head_dim
-(`v4jax.bench.attention_config`).
+ratio). The layers take V4-Flash's per-head widths at 4 heads (entry 512, indexer 4 x 128, top-512), its window
+128 and compression ratios 4 / 128, block 128, and V3's MLA widths for M/S (`v4jax.bench.ATTENTION_SETTINGS`, which
+say why); the preset supplies the rest (`v4jax.bench.attention_config`).
 `train`: step time, tokens/s and MFU of a `configs/` run's train step against the CPU matmul peak measured in the
 same run (`v4jax.training.bench`).
+`decode`: prefill tokens/s, decode step time and tokens/s and cache bytes per (batch, context), then greedy
+generation against transformers' `generate` on the same random weights (`v4jax.serving.bench`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,15 @@ def _parser():
     att.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
     att.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
+    dec = commands.add_parser("decode", help="serving: prefill and decode speed, cache bytes, vs transformers")
+    dec.add_argument("--config", required=True, help=f"a preset: {', '.join(sorted(PRESETS))}")
+    dec.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    dec.add_argument("--context", default="1024,8192", help="comma-separated cache lengths (default 1024,8192)")
+    dec.add_argument("--steps", type=int, default=16, help="timed decode steps (the median is reported)")
+    dec.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+    dec.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    dec.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
     trn = commands.add_parser("train", help="train step time, tokens/s and MFU of a run in configs/")
     trn.add_argument("--config", required=True, help="a module in configs/ (bench_cpu, tiny_v4, ...)")
     trn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
@@ -68,14 +82,14 @@ def _parser():
     return parser
 
 
-def _lengths(parser, text: str) -> list[int]:
+def _lengths(parser, text: str, flag: str = "--seq") -> list[int]:
     try:
         seqs = [int(item) for item in text.split(",")]
     except ValueError:
-        parser.error(f"--seq must be comma-separated integers, got {text!r}")
+        parser.error(f"{flag} must be comma-separated integers, got {text!r}")
     bad = [t for t in seqs if t < 1]
     if bad:
-        parser.error(f"--seq lengths must be >= 1, got {bad[0]}")
+        parser.error(f"{flag} lengths must be >= 1, got {bad[0]}")
     return seqs
 
 
@@ -100,6 +114,24 @@ def _attention(parser, args) -> int:
                              progress=bench.stderr_progress)
     print(bench.attention_markdown(result))
     _write_json(args.json, result)
+    return 0
+
+
+def _decode(parser, args) -> int:
+    from v4jax import bench, config
+    from v4jax.serving import bench as serving_bench
+
+    batches, contexts = _lengths(parser, args.batch, "--batch"), _lengths(parser, args.context, "--context")
+    if args.steps < 1 or args.chunk < 1:
+        parser.error(f"--steps and --chunk must be >= 1, got {args.steps} and {args.chunk}")
+    if min(contexts) <= args.steps:
+        parser.error(f"--context must exceed --steps ({args.steps}), got {min(contexts)}")
+    cfg = config.preset(args.config)
+    result = serving_bench.decode(cfg, batches, contexts, steps=args.steps, chunk=args.chunk,
+                                  progress=bench.stderr_progress)
+    versus = None if args.no_transformers else serving_bench.versus_transformers(cfg, progress=bench.stderr_progress)
+    print(serving_bench.markdown(result, versus))
+    _write_json(args.json, {"decode": result, "versus_transformers": versus})
     return 0
 
 
@@ -142,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown preset {args.config!r}; known: {', '.join(sorted(config.PRESETS))}")
     if args.command == "attention":
         return _attention(parser, args)
+    if args.command == "decode":
+        return _decode(parser, args)
     for name in ("seq", "batch", "repeats", "layer_seq"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -1,0 +1,34 @@
+"""The decode benchmark on a tiny config: sane fields, cache bytes from the real cache, CLI bad input."""
+
+import jax.numpy as jnp
+import pytest
+
+from train import bench as cli
+from v4jax import cost
+from v4jax.config import preset
+from v4jax.serving import bench
+
+
+def test_decode_bench_reports_speeds_and_cache_bytes():
+    cfg = preset("tiny-v4")
+    result = bench.decode(cfg, batches=[1, 2], contexts=[24, 40], steps=3, chunk=16)
+    assert [(r["batch"], r["context"]) for r in result["rows"]] == [(1, 24), (2, 24), (1, 40), (2, 40)]
+    for row in result["rows"]:
+        assert row["prefill_tokens"] == row["batch"] * (row["context"] - 3)
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["cache_bytes"] == cost.kv_cache_bytes(cfg, row["context"], cost.plain_format(jnp.dtype(cfg.dtype)),
+                                                         batch=row["batch"], include_state=True)
+    assert [g["batch"] for g in result["growth"]] == [1, 2]
+    assert "decode tok/s" in bench.markdown(result)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--config", "tiny-v4", "--batch", "0"], "--batch lengths must be >= 1, got 0"),
+    (["decode", "--config", "tiny-v4", "--context", "8", "--steps", "16"], "--context must exceed --steps"),
+    (["decode", "--config", "nope"], "unknown preset 'nope'"),
+])
+def test_decode_cli_bad_input(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
