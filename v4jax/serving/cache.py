@@ -35,10 +35,6 @@ class Cache:
     def layers(self) -> tuple:
         return self.prefix, self.unit, self.suffix
 
-    @property
-    def batch(self) -> int:
-        return self.lengths.shape[0]
-
 
 def cache_spec(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
     """The cache as jax.ShapeDtypeStruct leaves (allocates nothing). dtype defaults to the compute dtype."""
