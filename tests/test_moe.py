@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from v4jax.config import capacity, preset
+from v4jax.moe import dispatch
 from v4jax.moe.moe import MoE
 from v4jax.moe.routing import Router, RouterBias
 
@@ -202,10 +203,12 @@ def capacity_run(graphdef, params, rest, x, slots, cotangent):
     def fn(params, x):
         moe = nnx.merge(graphdef, params, rest)
         y, stats = moe(x)
-        flat = x.reshape(-1, x.shape[-1])
-        weights, indices = moe.router(flat)
-        _, dropped = moe.experts.einsum(flat, weights, indices, slots)
-        return y, (stats, weights, indices, dropped)
+        b, t, d = x.shape
+        weights, indices = moe.router(x.reshape(b * t, d))
+        cfg = moe.cfg
+        assert capacity(cfg, b * t) == slots
+        out = dispatch.routed(cfg, moe.experts.ffn(x.dtype), x, weights.reshape(b, t, -1), indices.reshape(b, t, -1))
+        return y, (stats, weights, indices, out.dropped.reshape(indices.shape))
 
     return loss_and_grads(fn, params, x, cotangent)
 
@@ -215,10 +218,12 @@ def dense_with_dropped(graphdef, params, rest, x, dropped, cotangent):
     """The dense reference with the given assignments' routing weights zeroed, plus the shared expert."""
     def fn(params, x):
         moe = nnx.merge(graphdef, params, rest)
-        flat = x.reshape(-1, x.shape[-1])
-        weights, indices = moe.router(flat)
-        routed, _ = moe.experts.dense(flat, jnp.where(dropped, 0.0, weights), indices)
-        return routed.reshape(x.shape) + moe.shared(x), None
+        b, t, d = x.shape
+        weights, indices = moe.router(x.reshape(b * t, d))
+        weights = jnp.where(dropped, 0.0, weights).reshape(b, t, -1)
+        out = dispatch.routed(moe.cfg.replace(moe_impl="dense"), moe.experts.ffn(x.dtype), x, weights,
+                              indices.reshape(b, t, -1))
+        return out.y + moe.shared(x), None
 
     return loss_and_grads(fn, params, x, cotangent)
 

@@ -51,10 +51,13 @@ class AttentionImpl(enum.StrEnum):
 
 
 class MoeImpl(enum.StrEnum):
-    AUTO = "auto"  # ragged on TPU/GPU, einsum on CPU
+    AUTO = "auto"  # by backend, mesh and token count (moe/dispatch.py `resolve_impl`)
     DENSE = "dense"  # every expert on every token: the numerics reference
     EINSUM = "einsum"  # capacity-padded [E, C, d] buffers and one batched einsum
     RAGGED = "ragged"  # sort by expert + jax.lax.ragged_dot (dropless)
+    EP_A2A = "ep_a2a"  # expert parallel: fixed-capacity all_to_all over `expert` (any backend)
+    EP_RAGGED = "ep_ragged"  # expert parallel: ragged_all_to_all (dropless; TPU/GPU, emulated elsewhere)
+    EP_PSUM = "ep_psum"  # expert parallel decode: replicated tokens, local experts, psum over `expert`
 
 
 @dataclasses.dataclass(frozen=True)

@@ -259,6 +259,7 @@ class Transformer(nnx.Module):
             logits=logits, mtp_logits=mtp_logits,
             expert_load=jnp.stack([s["expert_load"] for s in moe]) if moe else None,
             dropped_fraction=jnp.stack([s["dropped_fraction"] for s in moe]) if moe else None,
+            a2a_bytes=jnp.stack([s["a2a_bytes"] for s in moe]) if moe else None,
         )
 
     def extend(self, tokens, caches, start, count):
@@ -328,6 +329,7 @@ class ModelOutput:
     mtp_logits: jax.Array | None  # float32 [b, t, v]: position t predicts token t+2
     expert_load: jax.Array | None  # float32 [moe layers (+ MTP), e]: routed assignments per expert
     dropped_fraction: jax.Array | None  # float32 [moe layers (+ MTP)]
+    a2a_bytes: jax.Array | None = None  # float32 [moe layers (+ MTP)]: bytes the expert-parallel all-to-alls moved
 
 
 # ---------------------------------------------------------------------------------------------------------------

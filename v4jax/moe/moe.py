@@ -3,8 +3,9 @@
 Legend: b batch, t time, d model, e experts.
 The router is learned top-k (`MlpKind.MOE`) or, for V4's first layers, a frozen token-id table (`MlpKind.HASH`),
 which is why the block takes the token ids. V4's `swiglu_limit` clamps routed and shared experts alike.
-Returns the output and per-layer statistics: tokens per expert (the load the router bias update balances) and the
-fraction of routed assignments dropped for capacity.
+Returns the output and per-layer statistics: tokens per expert (the load the router bias update balances), the
+fraction of routed assignments dropped for capacity, and the bytes the expert-parallel all-to-alls moved.
+The routed experts run through `moe/dispatch.py` (`moe_impl`: one device or expert parallel over the mesh).
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.config import MlpKind, ModelConfig, MoeImpl, capacity
+from v4jax.config import MlpKind, ModelConfig
 from v4jax.layers.mlp import MLP
+from v4jax.moe import dispatch
 from v4jax.moe.experts import Experts
 from v4jax.moe.routing import HashRouter, Router
-
-
-def resolve_impl(impl: MoeImpl) -> MoeImpl:
-    """`auto`: ragged_dot where it is fast (TPU, GPU), capacity-padded einsum buffers on CPU."""
-    if impl is not MoeImpl.AUTO:
-        return impl
-    return MoeImpl.RAGGED if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else MoeImpl.EINSUM
 
 
 class MoE(nnx.Module):
@@ -55,23 +50,19 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, tokens: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [b, t, d], tokens int [b, t] (hash layers only; ignored otherwise) -> y [b, t, d], statistics."""
         b, t, d = x.shape
-        flat = x.reshape(b * t, d)
         with jax.named_scope("moe_router"):
-            weights, indices = self.route(flat, tokens)
+            weights, indices = self.route(x.reshape(b * t, d), tokens)
         with jax.named_scope("moe_experts"):
-            impl = resolve_impl(self.cfg.moe_impl)
-            if impl is MoeImpl.DENSE:
-                routed, dropped = self.experts.dense(flat, weights, indices)
-            elif impl is MoeImpl.EINSUM:
-                routed, dropped = self.experts.einsum(flat, weights, indices, capacity(self.cfg, b * t))
-            else:
-                routed, dropped = self.experts.ragged(flat, weights, indices)
-        y = routed.reshape(b, t, d)
+            k = indices.shape[-1]
+            out = dispatch.routed(self.cfg, self.experts.ffn(x.dtype), x, weights.reshape(b, t, k),
+                                  indices.reshape(b, t, k))
+        y = out.y
         if self.shared is not None:
             with jax.named_scope("moe_shared"):
                 y = y + self.shared(x)
         stats = {
             "expert_load": jnp.bincount(indices.reshape(-1), length=self.cfg.n_routed_experts).astype(jnp.float32),
-            "dropped_fraction": dropped.mean(dtype=jnp.float32),
+            "dropped_fraction": out.dropped.mean(dtype=jnp.float32),
+            "a2a_bytes": out.a2a_bytes,
         }
         return y, stats

@@ -84,6 +84,7 @@ def losses(cfg: ModelConfig, train: TrainConfig, model_state: nnx.State, batch: 
         metrics |= {"mtp_sum": mtp_sum, "mtp_tokens": jnp.sum(mtp_mask)}
     if out.expert_load is not None:
         metrics["dropped_fraction"] = out.dropped_fraction
+        metrics["a2a_bytes"] = jnp.sum(out.a2a_bytes)
     return loss, (metrics, out.expert_load)
 
 
@@ -175,6 +176,8 @@ def summarize(metrics: dict, load: jax.Array | None, micro_count: int) -> dict[s
     if load is not None:
         out["expert_load"] = load
         out["dropped_fraction"] = metrics["dropped_fraction"] / micro_count
+        # The backward pass transposes every all-to-all into one of the same size: twice the forward's bytes.
+        out["a2a_bytes"] = 2 * metrics["a2a_bytes"]
     return out
 
 
@@ -223,7 +226,13 @@ def jit_train_step(run: RunConfig, optimizer: optax.GradientTransformation, stat
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     state_shardings_ = jax.tree.map(lambda a: a.sharding, state)
-    return jax.jit(step, in_shardings=(state_shardings_, batch_sharding(mesh)),
+
+    def on_mesh(state, batch):
+        # Traced under the mesh: `constrain` pins activations and the MoE can shard_map over `expert`.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch)
+
+    return jax.jit(on_mesh, in_shardings=(state_shardings_, batch_sharding(mesh)),
                    out_shardings=(state_shardings_, None), donate_argnums=0)
 
 
