@@ -18,19 +18,18 @@ from flax import nnx
 from v4jax.config import MlpKind, MoeImpl, capacity, preset
 from v4jax.moe import dispatch
 from v4jax.moe.moe import MoE
-from v4jax.sharding import PRESETS, Axis, Preset, make_mesh, use_rules
+from v4jax.sharding import PRESETS, Preset, make_mesh, use_rules
 from v4jax.training import data, step
 from v4jax.training.config import RunConfig, TrainConfig
 
 B, T = 4, 8
 TRAIN = PRESETS[Preset.TRAIN]
-EXPERT_TP = dict(TRAIN) | {Axis.EXPERT_MLP: ("tensor",)}  # expert width split over `tensor`
 
-LAYOUTS = {
-    "data2-expert4": (dict(data=2, expert=4), TRAIN),
-    "expert8": (dict(expert=8), TRAIN),  # batch 4 cannot take 8 shards: the sequence takes `expert`
-    "data2-expert2-tensor2-tp": (dict(data=2, expert=2, tensor=2), EXPERT_TP),
-    "fsdp2-expert2-tensor2": (dict(fsdp=2, expert=2, tensor=2), TRAIN),  # weights gathered over fsdp
+LAYOUTS = {  # mesh sizes, expert_tensor_parallel
+    "data2-expert4": (dict(data=2, expert=4), False),
+    "expert8": (dict(expert=8), False),  # batch 4 cannot take 8 shards: the sequence takes `expert`
+    "data2-expert2-tensor2-tp": (dict(data=2, expert=2, tensor=2), True),  # expert width split over `tensor`
+    "fsdp2-expert2-tensor2": (dict(fsdp=2, expert=2, tensor=2), False),  # weights gathered over fsdp
 }
 EP_IMPLS = ("ep_a2a", "ep_ragged", "ep_psum", "auto")
 
@@ -63,7 +62,7 @@ def run(graphdef, params, rest, x, cotangent, tokens, mesh=None, rules=TRAIN):
         moe = nnx.merge(graphdef, params, rest)
         y, stats = moe(x, tokens)
         b, t, d = x.shape
-        weights, indices = moe.route(x.reshape(b * t, d), tokens)
+        _, indices = moe.route(x.reshape(b * t, d), tokens)
         return jnp.sum(y * cotangent), (y, stats, indices.reshape(b, t, -1))
 
     def fn(params, x):
@@ -94,7 +93,7 @@ def assert_same(got, want, tol=2e-5):
 @pytest.fixture(scope="module")
 def v3_moe():
     cfg = preset("tiny-v3", capacity_factor=None)  # 8 experts, top-2, 1 shared
-    graphdef, params, rest = build(cfg)
+    _, params, rest = build(cfg)
     x, cotangent, tokens = inputs(cfg)
     reference = run(nnx.split(MoE(cfg.replace(moe_impl="dense"), nnx.Rngs(params=0)))[0], params, rest, x,
                     cotangent, tokens)
@@ -105,16 +104,16 @@ def v3_moe():
 @pytest.mark.parametrize("impl", EP_IMPLS)
 def test_expert_parallel_equals_dense(v3_moe, layout, impl):
     cfg, params, rest, (x, cotangent, tokens), reference = v3_moe
-    sizes, rules = LAYOUTS[layout]
-    graphdef = nnx.split(MoE(cfg.replace(moe_impl=impl), nnx.Rngs(params=0)))[0]
-    got = run(graphdef, params, rest, x, cotangent, tokens, make_mesh(**sizes), rules)
+    sizes, expert_tp = LAYOUTS[layout]
+    graphdef = nnx.split(MoE(cfg.replace(moe_impl=impl, expert_tensor_parallel=expert_tp), nnx.Rngs(params=0)))[0]
+    got = run(graphdef, params, rest, x, cotangent, tokens, make_mesh(**sizes))
     assert_same(got, reference)
 
 
 def test_hash_routed_layer_under_expert_parallelism():
     """V4's hash layer (frozen token-id table, sqrt-softplus weights, SwiGLU clamp) routes the same under EP."""
     cfg = preset("tiny-v4", capacity_factor=None)
-    graphdef, params, rest = build(cfg, MlpKind.HASH)
+    _, params, rest = build(cfg, MlpKind.HASH)
     x, cotangent, tokens = inputs(cfg)
     reference = run(nnx.split(MoE(cfg.replace(moe_impl="dense"), nnx.Rngs(params=0), MlpKind.HASH))[0],
                     params, rest, x, cotangent, tokens)
@@ -211,7 +210,7 @@ def test_small_capacity_drops_are_reported_and_fall_back_to_the_shared_path(impl
 def test_a2a_bytes_metric_counts_what_crosses_devices(v3_moe):
     cfg, params, rest, (x, cotangent, tokens), _ = v3_moe
     mesh = make_mesh(data=2, expert=4)
-    d, e, k, p = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, 4
+    d, e, p = cfg.hidden_size, cfg.n_routed_experts, 4
     got = {}
     for impl in ("ep_a2a", "ep_ragged", "ep_psum"):
         graphdef = nnx.split(MoE(cfg.replace(moe_impl=impl), nnx.Rngs(params=0)))[0]

@@ -131,6 +131,7 @@ class ModelConfig:
     swiglu_limit: float | None = None  # V4 clamps SwiGLU pre-activations of every MoE expert to this
     moe_impl: MoeImpl = MoeImpl.AUTO
     capacity_factor: float | None = None  # None: exact (C = tokens); a number: C = ceil(cf * tokens * k / E)
+    expert_tensor_parallel: bool = False  # split each routed expert's width over `tensor` (logical axis `mlp`)
     # multi-token prediction (V3 MTP modules after the main stack)
     num_nextn_predict_layers: int = 0
     # the rest

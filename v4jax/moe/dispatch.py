@@ -159,6 +159,12 @@ class Layout(NamedTuple):
         return P(self.ep or None, self.tp or None, None)
 
 
+def width_axis(cfg: ModelConfig) -> Axis:
+    """The logical axis of an expert's width: `mlp` (split over `tensor` like the dense MLPs) with
+    `expert_tensor_parallel`, else `expert_mlp` (whole in every preset: each expert lives on one device)."""
+    return Axis.MLP if cfg.expert_tensor_parallel else Axis.EXPERT_MLP
+
+
 def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
@@ -185,7 +191,7 @@ def layout(cfg: ModelConfig, b: int, t: int, *, tokens_over_ep: bool) -> Layout 
     p = math.prod(shape[a] for a in ep)
     if cfg.n_routed_experts % p:
         raise ValueError(f"{cfg.n_routed_experts} routed experts cannot be split over mesh axes {ep} of size {p}")
-    tp = tuple(a for a in _axes(logical_to_spec((Axis.EXPERT_MLP,), rules, mesh_shape=shape)[0]) if a not in ep)
+    tp = tuple(a for a in _axes(logical_to_spec((width_axis(cfg),), rules, mesh_shape=shape)[0]) if a not in ep)
     tp = _divisible_prefix(tp, cfg.moe_intermediate_size, shape)
     batch, seq = (_axes(e) for e in logical_to_spec((Axis.BATCH, Axis.SEQ), rules, mesh_shape=shape))
     batch, seq = (tuple(a for a in axes if a not in tp and a not in ep) for axes in (batch, seq))

@@ -26,8 +26,7 @@ class MoE(nnx.Module):
         self.cfg = cfg
         std, limit = cfg.initializer_range, cfg.swiglu_limit
         self.router = HashRouter(cfg, rngs) if MlpKind(kind) is MlpKind.HASH else Router(cfg, rngs)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, std=std, rngs=rngs,
-                               limit=limit)
+        self.experts = Experts(cfg, rngs=rngs)
         self.shared = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, std=std, rngs=rngs,
                            limit=limit)
                        if cfg.n_shared_experts else None)

@@ -84,7 +84,7 @@ ITEMS = ("state", "data", "config")
 # A field missing from one side (a config written before the field existed) is compared against its default.
 
 MODEL_RUNTIME_FIELDS = frozenset({"name", "dtype", "moe_impl", "attention_impl", "attention_block_size",
-                                  "capacity_factor"})
+                                  "capacity_factor", "expert_tensor_parallel"})
 TRAIN_STATE_FIELDS = frozenset({"optimizer", "data", "tokenizer"})
 
 
