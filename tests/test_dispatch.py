@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from v4jax import cost
 from v4jax.config import MlpKind, MoeImpl, capacity, preset
 from v4jax.moe import dispatch
 from v4jax.moe.moe import MoE
@@ -216,14 +217,19 @@ def test_a2a_bytes_metric_counts_what_crosses_devices(v3_moe):
         graphdef = nnx.split(MoE(cfg.replace(moe_impl=impl), nnx.Rngs(params=0)))[0]
         (_, stats, indices), _, _ = run(graphdef, params, rest, x, cotangent, tokens, mesh)
         got[impl] = float(stats["a2a_bytes"])
-    # ep_a2a: every shard sends its whole [p, l, c, d] buffer but its own part, there and back.
+    # ep_a2a: every shard sends its whole [p, l, c, d] buffer but its own part, there and back: the cost model's
+    # figure, per device, times the 8 devices.
     n_local = B * T // 8
     assert got["ep_a2a"] == 8 * 2 * (p - 1) / p * e * capacity(cfg, n_local) * d * 4
+    assert got["ep_a2a"] == 8 * cost.moe_exchange_bytes(cfg, n_local, p, "ep_a2a", value_bytes=4)
     # ep_ragged: only assignments whose expert lives on another shard of the expert group travel, there and back.
     # Batch 4 splits over data only, so the time axis takes `expert`: token (b, t) sits on expert shard t // 2.
     source_shard = np.broadcast_to(np.arange(T) // (T // p), (B, T))
     remote = (indices // (e // p) != source_shard[..., None]).sum()
     assert got["ep_ragged"] == 2 * remote * d * 4
+    # The cost model's balanced-router estimate is of the same order as the real (skewed) count.
+    estimate = 8 * cost.moe_exchange_bytes(cfg, n_local, p, "ep_ragged", value_bytes=4)
+    assert 0.5 < got["ep_ragged"] / estimate < 1.5
     assert got["ep_psum"] == 0.0
 
 

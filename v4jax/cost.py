@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import math
 
-from v4jax.config import AttentionKind, LayerSpec, MlpKind, ModelConfig, preset
+from v4jax.config import AttentionKind, LayerSpec, MlpKind, ModelConfig, MoeImpl, capacity, preset
 
 _MLA = (AttentionKind.FULL, AttentionKind.SLIDING)
 _WINDOWED = (AttentionKind.SLIDING, AttentionKind.WINDOW, AttentionKind.CSA, AttentionKind.HCA)
@@ -326,6 +326,21 @@ def mlp_flops(cfg: ModelConfig, mlp: MlpKind) -> int:
         return 6 * d * cfg.intermediate_size
     runs = cfg.num_experts_per_tok + cfg.n_shared_experts
     return 6 * d * cfg.moe_intermediate_size * runs + 2 * d * cfg.n_routed_experts
+
+
+def moe_exchange_bytes(cfg: ModelConfig, tokens_per_shard: int, expert_shards: int, impl: MoeImpl | str,
+                       value_bytes: int = 2) -> float:
+    """Bytes one MoE layer's forward moves off one device in expert-parallel dispatch (there and back), for
+    `tokens_per_shard` tokens on each of `expert_shards` shards. ep_a2a: the fixed [p, E/p, C, d] buffer less the
+    shard's own part, exactly what `dispatch` sends; ep_ragged: the assignments routed to other shards under a
+    balanced router (the `a2a_bytes` metric reports the real count); ep_psum and one-device dispatch: none."""
+    p, d, k = expert_shards, cfg.hidden_size, cfg.num_experts_per_tok
+    impl = MoeImpl(impl)
+    if impl is MoeImpl.EP_A2A:
+        return 2 * (p - 1) * (cfg.n_routed_experts // p) * capacity(cfg, tokens_per_shard) * d * value_bytes
+    if impl is MoeImpl.EP_RAGGED:
+        return 2 * tokens_per_shard * k * (p - 1) / p * d * value_bytes
+    return 0.0
 
 
 def other_flops(cfg: ModelConfig) -> int:
