@@ -310,3 +310,20 @@ def test_tiny_v4_train_step_under_expert_parallelism_equals_single_device():
     for (name, got), want in zip(biases, jax.tree.leaves(single.extras), strict=True):
         np.testing.assert_array_equal(got, want, err_msg=name)
     assert any(np.abs(b).max() > 0 for name, b in biases if "bias" in name)  # the router biases moved
+
+
+def test_native_ragged_exchange_traces_with_gradients(v3_moe, monkeypatch):
+    """XLA:CPU cannot compile `ragged_all_to_all`, but it can lower it: with the feature detection forced on, the
+    ep_ragged forward and backward lower to the native collective (shapes, dtypes and the transpose all check)."""
+    cfg, params, rest, (x, cotangent, tokens), _ = v3_moe
+    monkeypatch.setattr(dispatch, "ragged_all_to_all_supported", lambda platform: True)
+    graphdef = nnx.split(MoE(cfg.replace(moe_impl="ep_ragged"), nnx.Rngs(params=0)))[0]
+
+    def loss(params, x):
+        y, _ = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y * cotangent)
+
+    with jax.set_mesh(make_mesh(data=2, expert=4)):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+    # Two exchanges forward (there and back) and their two transposes backward.
+    assert hlo.count("ragged_all_to_all") + hlo.count("ragged-all-to-all") >= 4
