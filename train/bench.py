@@ -11,6 +11,10 @@
     python -m train.bench decode --config tiny-v4 --batch 1,8 --context 1024,8192 [--steps 16] [--chunk 512]
                                  [--no-transformers] [--json out.json]
 
+    python -m train.bench moe --impl all --tokens 4096,32768 [--mesh data=2,expert=4] [--hidden 512] [--experts 64]
+                              [--topk 6] [--width 256] [--capacity-factor 1.25] [--repeats 3] [--budget 15]
+                              [--memory-limit-gib N] [--json out.json]
+
 Prints Markdown tables on stdout (progress on stderr).
 `forward`: whole-model forward tokens/s, the split of attention time between `M` (full MLA) and `S`
 (sliding-window MLA) layers, and one S layer's cost relative to one M layer at `--layer-seq` tokens next to the
@@ -24,12 +28,22 @@ say why); the preset supplies the rest (`v4jax.bench.attention_config`).
 same run (`v4jax.training.bench`).
 `decode`: prefill tokens/s, decode step time and tokens/s and cache bytes per (batch, context), then greedy
 generation against transformers' `generate` on the same random weights (`v4jax.serving.bench`).
+`moe`: the routed-expert dispatch alone, every `moe_impl` (`--impl all`: dense, einsum, ragged, ep_a2a, ep_ragged,
+ep_psum) at each token count on the mesh (default data=2,expert=4; on CPU the process gets enough fake devices):
+ms per forward and per forward + backward, the ratio to ep_a2a, XLA's per-device temp and total bytes, the dropped
+fraction, the all-to-all bytes and a float64 check of the output. On CPU ep_ragged's ragged_all_to_all is emulated
+(said in the table); a run that would exceed the memory limit is skipped, one over `--budget` seconds is timed fewer
+times (`v4jax.moe.bench`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+
+MOE_MESH = "data=2,expert=4"
 
 
 def _parser():
@@ -79,7 +93,63 @@ def _parser():
     trn.add_argument("--warmup", type=int, default=1, help="untimed steps after the compile")
     trn.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,expert=2,tensor=2")
     trn.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    from v4jax.moe import bench as moe_bench
+
+    moe = commands.add_parser("moe", help="routed-expert dispatch: every moe_impl's time and memory on a mesh")
+    moe.add_argument("--impl", default="all", help="comma-separated moe impls, or all (default): "
+                                                    f"{', '.join(i.value for i in moe_bench.IMPLS)}")
+    moe.add_argument("--tokens", default="4096,32768", help="comma-separated token counts (default 4096,32768)")
+    moe.add_argument("--mesh", default=MOE_MESH, help=f"mesh axis sizes (default {MOE_MESH})")
+    moe.add_argument("--config", default="tiny-v4", help="the preset the rest of the config comes from (default "
+                                                         "tiny-v4; its swiglu_limit applies)")
+    defaults = moe_bench.DEFAULTS
+    moe.add_argument("--hidden", type=int, default=defaults["hidden"], help="model width d")
+    moe.add_argument("--experts", type=int, default=defaults["experts"], help="routed experts e")
+    moe.add_argument("--topk", type=int, default=defaults["topk"], help="experts per token k")
+    moe.add_argument("--width", type=int, default=defaults["width"], help="expert width f")
+    moe.add_argument("--capacity-factor", default=str(defaults["capacity_factor"]),
+                     help="slots per expert = ceil(cf * tokens * k / e), or exact (nothing dropped)")
+    moe.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
+    moe.add_argument("--budget", type=float, default=moe_bench.BUDGET_S,
+                     help="seconds one measurement's repeats may take before it gets fewer")
+    moe.add_argument("--memory-limit-gib", type=float, default=None,
+                     help="skip a program needing more (all fake CPU devices together; default: half the memory "
+                          "available at the start)")
+    moe.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
+
+
+def _mesh_sizes(text: str) -> dict[str, int]:
+    """`"data=2,expert=4"` -> {"data": 2, "expert": 4}; ValueError naming the bad part."""
+    from v4jax.sharding import MESH_AXES
+
+    sizes = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh: expected axis=size with a size >= 1, got {part!r}")
+        if name.strip() not in MESH_AXES:
+            raise ValueError(f"--mesh: unknown axis {name.strip()!r}; known: {', '.join(MESH_AXES)}")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def _host_devices(argv: list[str]) -> None:
+    """`moe` before jax is imported: give the CPU platform as many (fake) devices as the --mesh asks for, at least
+    8, unless XLA_FLAGS already sets a count. Only the host platform reads the flag."""
+    if "jax" in sys.modules or "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    mesh = MOE_MESH
+    for i, arg in enumerate(argv):
+        if arg == "--mesh" and i + 1 < len(argv):
+            mesh = argv[i + 1]
+        elif arg.startswith("--mesh="):
+            mesh = arg.split("=", 1)[1]
+    sizes = dict(part.partition("=")[::2] for part in mesh.split(",") if part.strip())
+    count = math.prod(int(v) for v in sizes.values() if v.strip().isdigit() and int(v) > 0)
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                        f"--xla_force_host_platform_device_count={max(8, count)}"]).strip()
 
 
 def _lengths(parser, text: str, flag: str = "--seq") -> list[int]:
@@ -144,14 +214,66 @@ def _train(parser, args) -> int:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     try:
         run = overrides.apply(overrides.load_config(args.config), args.set)
-        sizes = dict(part.split("=") for part in args.mesh.split(",") if part)
-        mesh = sharding.make_mesh(**{k: int(v) for k, v in sizes.items()}) if sizes else None
+        sizes = _mesh_sizes(args.mesh)
+        mesh = sharding.make_mesh(**sizes) if sizes else None
         dataset = loop.make_dataset(run)
     except (ValueError, TypeError, OSError) as error:
         parser.error(" ".join(line.strip() for line in str(error).splitlines()))
     result = train_bench.train(run, steps=args.steps, warmup=args.warmup, mesh=mesh, name=args.config,
                                dataset=dataset, progress=bench.stderr_progress)
     print(train_bench.text(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def _parsed(parser, flag: str, parse, text: str):
+    try:
+        return parse(text)
+    except ValueError as e:
+        parser.error(f"{flag}: {e}")
+
+
+def _moe(parser, args) -> int:
+    import jax
+
+    from v4jax import bench, sharding
+    from v4jax.moe import bench as moe_bench
+
+    impls = _parsed(parser, "--impl", moe_bench.parse_impls, args.impl)
+    capacity_factor = _parsed(parser, "--capacity-factor", moe_bench.parse_capacity, args.capacity_factor)
+    try:
+        sizes = _mesh_sizes(args.mesh)
+    except ValueError as e:
+        parser.error(str(e))
+    tokens = _lengths(parser, args.tokens, "--tokens")
+    for name in ("hidden", "experts", "topk", "width", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.budget > 0:
+        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
+    if args.memory_limit_gib is not None and not args.memory_limit_gib > 0:
+        parser.error(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
+    try:
+        cfg = moe_bench.moe_config(hidden=args.hidden, experts=args.experts, topk=args.topk, width=args.width,
+                                   capacity_factor=capacity_factor, base=args.config)
+        mesh = sharding.make_mesh(**sizes)
+    except ValueError as e:
+        parser.error(str(e))
+    expert_shards = dict(mesh.shape)["expert"]
+    if cfg.n_routed_experts % expert_shards:
+        parser.error(f"--experts {cfg.n_routed_experts} do not split over the mesh's expert axis of size "
+                     f"{expert_shards}")
+    rows = moe_bench.batch_rows(mesh)
+    bad = [n for n in tokens if n % rows]
+    if bad:
+        parser.error(f"--tokens must be multiples of {rows} (one batch row per data x fsdp x expert shard), got "
+                     f"{bad[0]}")
+    limit = None if args.memory_limit_gib is None else int(args.memory_limit_gib * 2**30)
+    bench.stderr_progress(f"{jax.default_backend()} x{jax.device_count()}, mesh {args.mesh}; {len(impls)} impls x "
+                          f"{len(tokens)} token counts")
+    result = moe_bench.moe(cfg, impls, tokens, mesh, repeats=args.repeats, budget_s=args.budget,
+                           memory_limit_bytes=limit, progress=bench.stderr_progress)
+    print(moe_bench.markdown(result))
     _write_json(args.json, result)
     return 0
 
@@ -164,6 +286,9 @@ def _write_json(path: str | None, result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "moe":
+        _host_devices(argv)
     from v4jax import bench, cli, config, model
 
     parser = _parser()
@@ -176,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return _attention(parser, args)
     if args.command == "decode":
         return _decode(parser, args)
+    if args.command == "moe":
+        return _moe(parser, args)
     for name in ("seq", "batch", "repeats", "layer_seq"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
