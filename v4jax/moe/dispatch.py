@@ -151,6 +151,11 @@ class Layout(NamedTuple):
     p: int
 
     @property
+    def token_shards(self) -> int:
+        shape = dict(self.mesh.shape)
+        return math.prod(shape[a] for entry in self.tokens for a in _axes(entry))
+
+    @property
     def gate_spec(self) -> P:
         return P(self.ep or None, None, self.tp or None)
 
@@ -245,8 +250,7 @@ def resolve_impl(cfg: ModelConfig, b: int, t: int) -> MoeImpl:
         return MoeImpl.EP_PSUM
     if split.p == 1:
         return local_impl()
-    local_tokens = b * t // math.prod(dict(split.mesh.shape)[a] for a in _axes(split.tokens[0]) + _axes(split.tokens[1]))
-    if local_tokens * cfg.num_experts_per_tok <= cfg.n_routed_experts:
+    if b * t // split.token_shards * cfg.num_experts_per_tok <= cfg.n_routed_experts:
         return MoeImpl.EP_PSUM
     return MoeImpl.EP_RAGGED if ragged_all_to_all_supported(jax.default_backend()) else MoeImpl.EP_A2A
 
