@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from test_moe import independent_drops
 from v4jax import cost
 from v4jax.config import MlpKind, MoeImpl, capacity, preset
 from v4jax.moe import dispatch
@@ -127,21 +128,10 @@ def test_hash_routed_layer_under_expert_parallelism():
 # capacity: what is dropped, counted independently per shard
 
 
-def rank_drops(indices: np.ndarray, slots: int) -> np.ndarray:
-    """Assignment (token i, choice j) is dropped when its rank among its expert's assignments, in token order,
-    is >= slots."""
-    seen = collections.Counter()
-    dropped = np.zeros(indices.size, bool)
-    for a, expert in enumerate(indices.reshape(-1)):
-        dropped[a] = seen[expert] >= slots
-        seen[expert] += 1
-    return dropped.reshape(indices.shape)
-
-
 def a2a_drops(indices: np.ndarray, shards: int, slots: int) -> np.ndarray:
     """ep_a2a on data2-expert4 splits the batch rows over 8 shards; each caps (its tokens, expert) at `slots`."""
     rows = indices.shape[0] // shards
-    return np.concatenate([rank_drops(indices[s * rows:(s + 1) * rows], slots) for s in range(shards)])
+    return np.concatenate([independent_drops(indices[s * rows:(s + 1) * rows], slots) for s in range(shards)])
 
 
 def ragged_drops(indices: np.ndarray, groups: int, p: int, e: int, recv_rows: int) -> np.ndarray:

@@ -64,15 +64,24 @@ def interleaved_seconds(runs, *, repeats: int, budget_s: float | None = None,
     (one call of each per round) so that a change in the machine's load hits every run alike rather than the
     last ones. With `budget_s`, a run whose warm-up shows that `repeats` calls would take longer gets fewer calls
     (at least one): it sits out the last rounds."""
-    calls = []
+    return interleaved_runs(runs, repeats=repeats, budget_s=budget_s, progress=progress)[0]
+
+
+def interleaved_runs(runs, *, repeats: int, budget_s: float | None = None, progress: Progress = None,
+                     skip_slow: bool = False) -> tuple[list[list[float]], list[float]]:
+    """`interleaved_seconds`, also returning each warm-up call's time. With `skip_slow`, a run whose warm-up alone
+    took longer than `budget_s` is not called again (its times list stays empty)."""
+    calls, warm_ups = [], []
     for compiled, args in runs:
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         warm_up = time.perf_counter() - start
+        warm_ups.append(warm_up)
         over = budget_s is not None and warm_up * repeats > budget_s
-        calls.append(max(1, int(budget_s // warm_up)) if over else repeats)
+        calls.append(0 if over and skip_slow and warm_up > budget_s else
+                     max(1, int(budget_s // warm_up)) if over else repeats)
     times: list[list[float]] = [[] for _ in runs]
-    for round_ in range(repeats):
+    for round_ in range(max(calls, default=0)):
         if len(runs) > 1:
             _say(progress, f"  round {round_ + 1} of {repeats}...")
         for (compiled, args), n, out in zip(runs, calls, times):
@@ -80,7 +89,7 @@ def interleaved_seconds(runs, *, repeats: int, budget_s: float | None = None,
                 start = time.perf_counter()
                 jax.block_until_ready(compiled(*args))
                 out.append(time.perf_counter() - start)
-    return times
+    return times, warm_ups
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Sequence
 
 import jax
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from v4jax.bench import Progress, _say, _table, compile_timed
+from v4jax.bench import Progress, _say, _table, compile_timed, interleaved_runs
 from v4jax.cli import memory_bytes
 from v4jax.config import ModelConfig, MoeImpl, preset
 from v4jax.moe import dispatch
@@ -292,28 +291,11 @@ class _Kept:
 
 
 def time_runs(runs, *, repeats: int, budget_s: float | None, progress: Progress = None) -> list[dict]:
-    """Wall times of each `(fn, args)` in `runs`, as `v4jax.bench.interleaved_seconds` takes them (a warm-up call
-    each, then `repeats` rounds round-robin, fewer calls for a run whose warm-up shows that `repeats` would exceed
-    `budget_s`), except that the warm-up is timed too: a run whose warm-up alone exceeded `budget_s` keeps it as
-    its one time (`warm_up` False) instead of being called again. Returns per run {"s": median, "times_s",
-    "warm_up"}."""
-    firsts, calls = [], []
-    for fn, args in runs:
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        first = time.perf_counter() - start
-        firsts.append(first)
-        over = budget_s is not None and first * repeats > budget_s
-        calls.append(0 if over and first > budget_s else max(1, int(budget_s // first)) if over else repeats)
-    times: list[list[float]] = [[] for _ in runs]
-    rounds = max(calls, default=0)
-    for round_ in range(rounds):
-        _say(progress, f"  round {round_ + 1} of {rounds}...")
-        for (fn, args), n, out in zip(runs, calls, times):
-            if round_ < n:
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                out.append(time.perf_counter() - start)
+    """Wall times of each `(fn, args)` in `runs` by `v4jax.bench.interleaved_runs` (a warm-up call each, then
+    `repeats` rounds round-robin, fewer calls for a run whose warm-up shows that `repeats` would exceed
+    `budget_s`), except that a run whose warm-up alone exceeded `budget_s` keeps it as its one time (`warm_up`
+    False) instead of being called again. Returns per run {"s": median, "times_s", "warm_up"}."""
+    times, firsts = interleaved_runs(runs, repeats=repeats, budget_s=budget_s, progress=progress, skip_slow=True)
     return [{"s": statistics.median(ts), "times_s": ts, "warm_up": True} if ts else
             {"s": first, "times_s": [first], "warm_up": False} for ts, first in zip(times, firsts)]
 
