@@ -135,21 +135,22 @@ def _mesh_sizes(text: str) -> dict[str, int]:
     return sizes
 
 
-def _host_devices(argv: list[str]) -> None:
-    """`moe` before jax is imported: give the CPU platform as many (fake) devices as the --mesh asks for, at least
-    8, unless XLA_FLAGS already sets a count. Only the host platform reads the flag."""
+def _host_devices(argv: list[str], default_mesh: str = "", minimum: int = 1) -> None:
+    """Before jax is imported: give the CPU platform as many (fake) devices as the --mesh asks for (`moe`: at least
+    8), unless XLA_FLAGS already sets a count. Only the host platform reads the flag."""
     if "jax" in sys.modules or "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
-    mesh = MOE_MESH
+    mesh = default_mesh
     for i, arg in enumerate(argv):
         if arg == "--mesh" and i + 1 < len(argv):
             mesh = argv[i + 1]
         elif arg.startswith("--mesh="):
             mesh = arg.split("=", 1)[1]
     sizes = dict(part.partition("=")[::2] for part in mesh.split(",") if part.strip())
-    count = math.prod(int(v) for v in sizes.values() if v.strip().isdigit() and int(v) > 0)
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                        f"--xla_force_host_platform_device_count={max(8, count)}"]).strip()
+    count = max(minimum, math.prod(int(v) for v in sizes.values() if v.strip().isdigit() and int(v) > 0))
+    if count > 1:
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                            f"--xla_force_host_platform_device_count={count}"]).strip()
 
 
 def _lengths(parser, text: str, flag: str = "--seq") -> list[int]:
@@ -288,6 +289,8 @@ def _write_json(path: str | None, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "moe":
+        _host_devices(argv, MOE_MESH, minimum=8)
+    elif argv and argv[0] == "train":
         _host_devices(argv)
     from v4jax import bench, cli, config, model
 
