@@ -283,3 +283,7 @@ def test_constrain_pins_under_a_mesh(mesh):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2)
     assert dims(out.sharding.spec, 3) == (("data", "expert"), None, None)
     assert dims(served.sharding.spec, 3) == ("data", None, "tensor")
+    # A dimension keeps the leading axes that divide it: batch 2 of (data, expert) splits over data alone.
+    with jax.set_mesh(mesh):
+        small = fn(x[:2])
+    assert dims(small.sharding.spec, 3) == ("data", None, None)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -41,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig, MoeImpl, capacity
 from v4jax.layers.mlp import swiglu
-from v4jax.sharding import Axis, get_rules, logical_to_spec
+from v4jax.sharding import Axis, dividing_axes, get_rules, logical_to_spec, mesh_axes
 
 EXPERT_PARALLEL = frozenset({MoeImpl.EP_A2A, MoeImpl.EP_RAGGED, MoeImpl.EP_PSUM})
 _ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
@@ -153,7 +152,7 @@ class Layout(NamedTuple):
     @property
     def token_shards(self) -> int:
         shape = dict(self.mesh.shape)
-        return math.prod(shape[a] for entry in self.tokens for a in _axes(entry))
+        return math.prod(shape[a] for entry in self.tokens for a in mesh_axes(entry))
 
     @property
     def gate_spec(self) -> P:
@@ -170,21 +169,6 @@ def width_axis(cfg: ModelConfig) -> Axis:
     return Axis.MLP if cfg.expert_tensor_parallel else Axis.EXPERT_MLP
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _divisible_prefix(axes: Sequence[str], size: int, mesh_shape) -> tuple[str, ...]:
-    """The longest prefix of `axes` whose product divides `size`."""
-    kept, product = [], 1
-    for axis in axes:
-        if size % (product * mesh_shape[axis]):
-            break
-        kept.append(axis)
-        product *= mesh_shape[axis]
-    return tuple(kept)
-
-
 def layout(cfg: ModelConfig, b: int, t: int, *, tokens_over_ep: bool) -> Layout | None:
     """The EP layout under the current mesh, or None without a mesh. `tokens_over_ep` splits the tokens over the
     expert axes (a2a, ragged: required; None when they cannot be split), else keeps them whole there (psum)."""
@@ -192,16 +176,16 @@ def layout(cfg: ModelConfig, b: int, t: int, *, tokens_over_ep: bool) -> Layout 
     if mesh.empty:
         return None
     shape, rules = dict(mesh.shape), get_rules()
-    ep = _axes(logical_to_spec((Axis.EXPERTS,), rules, mesh_shape=shape)[0])
+    ep = mesh_axes(logical_to_spec((Axis.EXPERTS,), rules, mesh_shape=shape)[0])
     p = math.prod(shape[a] for a in ep)
     if cfg.n_routed_experts % p:
         raise ValueError(f"{cfg.n_routed_experts} routed experts cannot be split over mesh axes {ep} of size {p}")
-    tp = tuple(a for a in _axes(logical_to_spec((width_axis(cfg),), rules, mesh_shape=shape)[0]) if a not in ep)
-    tp = _divisible_prefix(tp, cfg.moe_intermediate_size, shape)
-    batch, seq = (_axes(e) for e in logical_to_spec((Axis.BATCH, Axis.SEQ), rules, mesh_shape=shape))
+    tp = tuple(a for a in mesh_axes(logical_to_spec((width_axis(cfg),), rules, mesh_shape=shape)[0]) if a not in ep)
+    tp = dividing_axes(tp, cfg.moe_intermediate_size, shape)
+    batch, seq = (mesh_axes(e) for e in logical_to_spec((Axis.BATCH, Axis.SEQ), rules, mesh_shape=shape))
     batch, seq = (tuple(a for a in axes if a not in tp and a not in ep) for axes in (batch, seq))
-    batch = _divisible_prefix(batch, b, shape)
-    seq = _divisible_prefix(seq, t, shape)
+    batch = dividing_axes(batch, b, shape)
+    seq = dividing_axes(seq, t, shape)
     if tokens_over_ep:
         missing = [a for a in ep if a not in batch + seq]
         for axis in missing:  # batch first, then seq, wherever the split still divides

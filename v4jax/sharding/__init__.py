@@ -6,23 +6,44 @@ from collections.abc import Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from v4jax.sharding.axes import Axis
 from v4jax.sharding.mesh import MESH_AXES, MeshAxis, make_mesh
 from v4jax.sharding.rules import PRESETS, Preset, get_rules, logical_to_spec, use_rules
 
-__all__ = ["Axis", "MESH_AXES", "MeshAxis", "PRESETS", "Preset", "constrain", "get_rules", "logical_to_spec",
-           "make_mesh", "state_shardings", "use_rules", "variable_axes"]
+__all__ = ["Axis", "MESH_AXES", "MeshAxis", "PRESETS", "Preset", "constrain", "dividing_axes", "get_rules",
+           "logical_to_spec", "make_mesh", "mesh_axes", "state_shardings", "use_rules", "variable_axes"]
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Pin an activation's sharding by logical axis names under the current mesh and rules (no-op without a mesh)."""
+    """Pin an activation's sharding by logical axis names under the current mesh and rules (no-op without a mesh).
+    A dimension keeps only the leading mesh axes whose product divides it (a batch of 4 on data=2, expert=4 is
+    split over data alone): XLA would otherwise pad it and replicate around the pin."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    spec = logical_to_spec(logical, mesh_shape=dict(mesh.shape))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    shape = dict(mesh.shape)
+    spec = logical_to_spec(logical, mesh_shape=shape)
+    entries = (dividing_axes(mesh_axes(entry), size, shape) for entry, size in zip(spec, x.shape))
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, PartitionSpec(*(None if not a else a[0] if len(a) == 1 else a for a in entries))))
+
+
+def mesh_axes(entry) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of mesh axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def dividing_axes(axes: Sequence[str], size: int, mesh_shape) -> tuple[str, ...]:
+    """The longest prefix of `axes` whose product of mesh sizes divides `size`."""
+    kept, product = [], 1
+    for axis in axes:
+        if size % (product * mesh_shape[axis]):
+            break
+        kept.append(axis)
+        product *= mesh_shape[axis]
+    return tuple(kept)
 
 
 def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
