@@ -11,7 +11,7 @@ shared expert), ahead-of-time compiled under the mesh (`jax.set_mesh`), on input
 (tokens split over the rules' batch axes, one batch row per data x fsdp x expert shard; expert weights over
 `expert`). `forward` returns the layer's output; `fwd+bwd` is the value and gradient of 0.5 * sum(y^2) with respect
 to x, the routing weights and the three expert weight stacks. The impls of one token count are compiled first, then
-timed round-robin (`time_runs`, after `v4jax.bench.interleaved_seconds`: a warm-up call each, whose outputs give the
+timed round-robin (`time_runs`, by `v4jax.bench.interleaved_runs`: a warm-up call each, whose outputs give the
 dropped fraction, the a2a bytes and the check, then `repeats` rounds), so a change in the machine's load hits all of
 them alike; the median is reported. A run whose `repeats` calls would exceed `budget_s` gets fewer (at least one),
 and one whose warm-up alone exceeded it reports that call (no warm-up before it) rather than running again.
