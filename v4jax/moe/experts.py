@@ -17,7 +17,6 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         n_experts, dim, hidden = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         std, width = cfg.initializer_range, width_axis(cfg)
-        self.n_experts = n_experts
         self.limit = cfg.swiglu_limit  # SwiGLU clamp (V4); None: unclamped
         self.gate = param(rngs, (n_experts, dim, hidden), (Axis.EXPERTS, Axis.EMBED, width), std=std)
         self.up = param(rngs, (n_experts, dim, hidden), (Axis.EXPERTS, Axis.EMBED, width), std=std)
