@@ -15,6 +15,9 @@
                               [--topk 6] [--width 256] [--capacity-factor 1.25] [--repeats 3] [--budget 15]
                               [--memory-limit-gib N] [--json out.json]
 
+    python -m train.bench context --config tiny-v4 --seq 32768,131072 [--context 1,8] [--batch 1] [--repeats 2]
+                                  [--json out.json]
+
 Prints Markdown tables on stdout (progress on stderr).
 `forward`: whole-model forward tokens/s, the split of attention time between `M` (full MLA) and `S`
 (sliding-window MLA) layers, and one S layer's cost relative to one M layer at `--layer-seq` tokens next to the
@@ -34,6 +37,12 @@ ms per forward and per forward + backward, the ratio to ep_a2a, XLA's per-device
 fraction, the all-to-all bytes and a float64 check of the output. On CPU ep_ragged's ragged_all_to_all is emulated
 (said in the table); a run that would exceed the memory limit is skipped, one over `--budget` seconds is timed fewer
 times (`v4jax.moe.bench`).
+`context`: one jitted whole-model forward with the sequence split over the mesh's `context` axis (the `long` rules,
+parameters replicated, the logits reduced to their mean inside the jit), per (seq, context): XLA's per-device peak
+and temp bytes, ms per forward and tokens/s, and the peak at the smallest context (1) over each row's next to the
+ideal, with a verdict per row against the target (5x less at context 8 than at context 1; 5/8 of the ideal
+elsewhere). Every length must split over every context size, each shard a multiple of the config's compression
+ratios (16 for tiny-v4); on CPU the process gets max(--context) fake devices (`v4jax.attention.context_bench`).
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ import os
 import sys
 
 MOE_MESH = "data=2,expert=4"
+CONTEXT_DEFAULT = "1,8"
+MAX_FAKE_DEVICES = 64  # `context`: the most fake CPU devices the process gives itself
 
 
 def _parser():
@@ -117,6 +128,16 @@ def _parser():
                      help="skip a program needing more (all fake CPU devices together; default: half the memory "
                           "available at the start)")
     moe.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    ctx = commands.add_parser("context", help="whole-model forward with the sequence split over the context axis: "
+                                              "per-device peak memory and time")
+    ctx.add_argument("--config", default="tiny-v4", help=f"a preset (default tiny-v4): {', '.join(sorted(PRESETS))}")
+    ctx.add_argument("--seq", required=True, help="comma-separated tokens per sequence, e.g. 32768,131072")
+    ctx.add_argument("--context", default=CONTEXT_DEFAULT,
+                     help=f"comma-separated context-axis sizes (default {CONTEXT_DEFAULT})")
+    ctx.add_argument("--batch", type=int, default=1)
+    ctx.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the median is reported)")
+    ctx.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
 
 
@@ -151,6 +172,19 @@ def _host_devices(argv: list[str], default_mesh: str = "", minimum: int = 1) -> 
     if count > 1:
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                             f"--xla_force_host_platform_device_count={count}"]).strip()
+
+
+def _context_devices(argv: list[str]) -> int:
+    """The largest --context size asked for (the default's if absent or unreadable), at most MAX_FAKE_DEVICES: the
+    fake CPU devices `context` gives itself. Bad values are reported after parsing."""
+    text = CONTEXT_DEFAULT
+    for i, arg in enumerate(argv):
+        if arg == "--context" and i + 1 < len(argv):
+            text = argv[i + 1]
+        elif arg.startswith("--context="):
+            text = arg.split("=", 1)[1]
+    sizes = [int(v) for v in text.split(",") if v.strip().isdigit()]
+    return min(MAX_FAKE_DEVICES, max(sizes, default=1))
 
 
 def _lengths(parser, text: str, flag: str = "--seq") -> list[int]:
@@ -279,6 +313,47 @@ def _moe(parser, args) -> int:
     return 0
 
 
+def _context(parser, args) -> int:
+    import jax
+
+    from v4jax import bench, cli, config, model
+    from v4jax.attention import context_bench
+
+    seqs = _lengths(parser, args.seq)
+    try:
+        contexts = [int(item) for item in args.context.split(",")]
+    except ValueError:
+        parser.error(f"--context must be comma-separated integers, got {args.context!r}")
+    if min(contexts) < 1:
+        parser.error(f"--context sizes must be >= 1, got {min(contexts)}")
+    for name in ("batch", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    backend, devices = jax.default_backend(), jax.device_count()
+    too_many = [c for c in contexts if c > devices]
+    if too_many:
+        where = f" (at most {MAX_FAKE_DEVICES} fake CPU devices)" if backend == "cpu" else ""
+        parser.error(f"--context {too_many[0]} needs {too_many[0]} devices, {backend} has {devices}{where}")
+    cfg = config.preset(args.config)
+    try:
+        context_bench.check(cfg, seqs, contexts)
+    except ValueError as e:
+        parser.error(f"--seq/--context: {e}")
+    copies = max(contexts) if backend == "cpu" else 1  # replicated parameters, once per fake device
+    param_bytes = model.param_counts(cfg, include_mtp=True)[0] * 4 * copies
+    if param_bytes > cli.memory_bytes() // 2:
+        parser.error(f"preset {args.config!r} needs {param_bytes / 2**30:.0f} GiB of float32 parameters "
+                     f"({copies} replicas), more than half of this machine's {cli.memory_bytes() / 2**30:.0f} GiB; "
+                     f"benchmark a smaller preset")
+    bench.stderr_progress(f"{backend} x{devices}; {args.config}, seq {', '.join(map(str, sorted(set(seqs))))} x "
+                          f"context {', '.join(map(str, sorted(set(contexts))))}")
+    result = context_bench.context(cfg, seqs, contexts, batch=args.batch, repeats=args.repeats,
+                                   progress=bench.stderr_progress)
+    print(context_bench.markdown(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         with open(path, "w") as f:
@@ -292,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         _host_devices(argv, MOE_MESH, minimum=8)
     elif argv and argv[0] == "train":
         _host_devices(argv)
+    elif argv and argv[0] == "context":
+        _host_devices([], f"context={_context_devices(argv)}")
     from v4jax import bench, cli, config, model
 
     parser = _parser()
@@ -306,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         return _decode(parser, args)
     if args.command == "moe":
         return _moe(parser, args)
+    if args.command == "context":
+        return _context(parser, args)
     for name in ("seq", "batch", "repeats", "layer_seq"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
