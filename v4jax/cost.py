@@ -343,6 +343,43 @@ def moe_exchange_bytes(cfg: ModelConfig, tokens_per_shard: int, expert_shards: i
     return 0.0
 
 
+SEGMENT_BYTES = 4  # int32 segment ids and positions travel with the tokens they label
+
+
+def context_bytes(cfg: ModelConfig, kind: AttentionKind, seq: int, shards: int, batch: int = 1,
+                  value_bytes: int = 2) -> int:
+    """Bytes one attention layer's forward delivers to one device when a sequence of `seq` tokens is split over
+    `shards` context shards (the busiest device: one with a left neighbour; `attention.context` moves exactly
+    this). H = window - 1 halo tokens, t = seq / shards local tokens, m the compression ratio:
+
+      S      halo of H latents + rope keys (r + p values) and their segments;
+      W      halo of H K=V entries (c values) and their segments;
+      M      all-gather of (shards - 1) x t latents + rope keys and segments, plus the zig-zag swap: half the
+             shard's x, positions and segments out, half its output back (d values each way);
+      C, H   the window halo, plus an all-gather of the (shards - 1) x t / m compressed entries and their segments,
+             C also of the float32 indexer keys and the left neighbour's last block of x (m tokens of d values).
+
+    The backward pass moves the same bytes the other way (each collective transposes into one of equal size)."""
+    if shards == 1:
+        return 0
+    t, d, b = seq // shards, cfg.hidden_size, batch
+    halo = b * (cfg.sliding_window - 1) if kind in _WINDOWED else 0
+    if kind in _MLA:
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        if kind is AttentionKind.SLIDING:
+            return halo * (latent * value_bytes + SEGMENT_BYTES)
+        swap = b * (t // 2) * (2 * d * value_bytes + 2 * SEGMENT_BYTES) if t % 2 == 0 else 0
+        return (shards - 1) * b * t * (latent * value_bytes + SEGMENT_BYTES) + swap
+    total = halo * (cfg.head_dim * value_bytes + SEGMENT_BYTES)
+    ratio = cfg.compress_ratio(kind)
+    if ratio:
+        gathered = (shards - 1) * b * t // ratio
+        total += gathered * (cfg.head_dim * value_bytes + SEGMENT_BYTES)
+    if kind is AttentionKind.CSA:
+        total += gathered * cfg.index_head_dim * 4 + b * ratio * (d * value_bytes + SEGMENT_BYTES)
+    return total
+
+
 def other_flops(cfg: ModelConfig) -> int:
     """The output head and, with hc_mult > 1, the mHC mixing: per site the fn projection and collapse / expand."""
     d, hc = cfg.hidden_size, cfg.hc_mult
@@ -380,6 +417,7 @@ class KindRow:
     kv_bytes_per_token: float  # kv_bytes / context
     attention_flops: float  # per token, summed over these layers
     mlp_flops: float  # per token, the MLPs of these layers
+    context_bytes: int = 0  # per layer of this kind: bytes one device receives with the sequence split (forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,6 +431,7 @@ class Report:
     params_active: int
     rows: tuple[KindRow, ...]
     other_flops: float  # head + mHC
+    context_shards: int = 1
 
     @property
     def kv_bytes(self) -> int:
@@ -403,21 +442,30 @@ class Report:
         return sum(row.attention_flops + row.mlp_flops for row in self.rows) + self.other_flops
 
     def table(self) -> str:
-        """A Markdown table, one row per attention kind present plus a total, under a title line with params."""
+        """A Markdown table, one row per attention kind present plus a total, under a title line with params; with
+        the sequence split over context shards, a column of the bytes each layer moves per device."""
+        split = self.context_shards > 1
         rows = [_table_row(f"{r.kind.value} ({r.kind.name.lower()})", r.layers, r.kv_bytes_per_token, r.kv_bytes,
-                           r.attention_flops, r.mlp_flops) for r in self.rows]
+                           r.attention_flops, r.mlp_flops, r.context_bytes if split else None) for r in self.rows]
         total = _table_row("total", sum(r.layers for r in self.rows), self.kv_bytes / self.context, self.kv_bytes,
-                           sum(r.attention_flops for r in self.rows), sum(r.mlp_flops for r in self.rows))
+                           sum(r.attention_flops for r in self.rows), sum(r.mlp_flops for r in self.rows),
+                           sum(r.layers * r.context_bytes for r in self.rows) if split else None)
         title = (f"{self.name} {self.pattern} at {self.context:,} tokens ({self.phase.value}, KV {self.kv_format.name})"
                  f": params {_si(self.params_total, '')} total, {_si(self.params_active, '')} active")
+        if split:
+            title += f"; sequence split over {self.context_shards} context shards"
+        head = _TABLE_HEAD_SPLIT if split else _TABLE_HEAD
         tail = f"head + mHC {_si(self.other_flops, 'FLOP')}/token; forward {_si(self.flops_per_token, 'FLOP')}/token"
-        return "\n".join([title, "", *_TABLE_HEAD, *rows, total, "", tail])
+        return "\n".join([title, "", *head, *rows, total, "", tail])
 
     __str__ = table
 
 
-def report(cfg: ModelConfig, context: int = 4096, phase: Phase = Phase.PREFILL, fmt: KvFormat = BF16) -> Report:
-    """Per attention kind present: layer count, KV bytes (total and per token), attention and MLP FLOPs/token."""
+def report(cfg: ModelConfig, context: int = 4096, phase: Phase = Phase.PREFILL, fmt: KvFormat = BF16,
+           context_shards: int = 1) -> Report:
+    """Per attention kind present: layer count, KV bytes (total and per token), attention and MLP FLOPs/token, and
+    with `context_shards` > 1 the bytes one layer moves per device with the sequence split (`context_bytes`; bf16
+    activations, whatever the cache format)."""
     rows = []
     for kind in AttentionKind:
         specs = [s for s in cfg.layers if s.attention is kind]
@@ -425,17 +473,23 @@ def report(cfg: ModelConfig, context: int = 4096, phase: Phase = Phase.PREFILL, 
             continue
         kv = len(specs) * kv_bytes(cfg, kind, context, fmt)
         attn = len(specs) * attention_flops(cfg, kind, context, phase)
-        rows.append(KindRow(kind, len(specs), kv, kv / context, attn, sum(mlp_flops(cfg, s.mlp) for s in specs)))
+        rows.append(KindRow(kind, len(specs), kv, kv / context, attn, sum(mlp_flops(cfg, s.mlp) for s in specs),
+                            context_bytes(cfg, kind, context, context_shards)))
     total, active = params(cfg)
-    return Report(cfg.name, cfg.pattern, context, phase, fmt, total, active, tuple(rows), other_flops(cfg))
+    return Report(cfg.name, cfg.pattern, context, phase, fmt, total, active, tuple(rows), other_flops(cfg),
+                  context_shards)
 
 
 _TABLE_HEAD = ("| kind | layers | KV bytes/token | KV bytes | attention FLOPs/token | MLP FLOPs/token |",
                "|---|---:|---:|---:|---:|---:|")
+_TABLE_HEAD_SPLIT = (_TABLE_HEAD[0] + " context bytes/layer/device |", _TABLE_HEAD[1] + "---:|")
 
 
-def _table_row(label: str, layers: int, kv_per_token: float, kv: float, attn: float, mlp: float) -> str:
+def _table_row(label: str, layers: int, kv_per_token: float, kv: float, attn: float, mlp: float,
+               context: float | None = None) -> str:
     cells = (label, str(layers), _si(kv_per_token, "B"), _si(kv, "B"), _si(attn, "FLOP"), _si(mlp, "FLOP"))
+    if context is not None:
+        cells += (_si(context, "B"),)
     return "| " + " | ".join(cells) + " |"
 
 
@@ -449,4 +503,5 @@ def _si(x: float, unit: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(report(preset(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 4096))
+    print(report(preset(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 4096,
+                 context_shards=int(sys.argv[3]) if len(sys.argv) > 3 else 1))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from v4jax import attention
-from v4jax.attention import cached as cached_attention
+from v4jax.attention import cached as cached_attention, context
 from v4jax.config import LayerSpec, MlpKind, ModelConfig
 from v4jax.layers.hyper import HyperConnection, HyperHead, expand
 from v4jax.layers.linear import Embed, Head, fill_random, param, read
@@ -113,8 +113,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, segment_ids, tokens):
         with jax.named_scope("attention"):
-            x, _ = self.residual(x, self.attn_hc, lambda h: (self.attn(self.attn_norm(h), positions, segment_ids),
-                                                             None))
+            x, _ = self.residual(x, self.attn_hc, lambda h: (
+                context.attend(self.attn, self.attn_norm(h), positions, segment_ids), None))
         with jax.named_scope("mlp"):
             return self.residual(x, self.mlp_hc, lambda h: self.feed_forward(self.mlp_norm(h), tokens))
 

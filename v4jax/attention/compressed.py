@@ -52,17 +52,21 @@ class V4Attention(nnx.Module):
         return rope.cos_sin(positions, cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        cfg = self.cfg
         cos, sin = self.rope_tables(positions)
         q_latent, q, kv = self.project(x, cos, sin)
         # Shorter than one block: no entry exists yet, the layer is its window branch alone.
         has_entries = self.compressor is not None and x.shape[1] >= self.ratio
         compressed = self.compressed(x, q_latent, positions, segment_ids) if has_entries else None
+        return self.output(self.attend(q, kv, segment_ids, compressed), cos, sin)
+
+    def attend(self, q, kv, segment_ids, compressed: kernels.Compressed | None, **index) -> jax.Array:
+        """The kernel of the config's implementation; `index` passes a context shard's global indices and key
+        segments (`kernels`)."""
+        cfg = self.cfg
         with jax.named_scope("v4_kernel"):
             kernel = kernels.v4_reference if cfg.attention_impl is AttentionImpl.REFERENCE else kernels.v4_blockwise
-            out = kernel(q, kv, segment_ids, self.sinks[...].astype(jnp.float32), self.scale,
-                         cfg.sliding_window, cfg.attention_block_size, compressed)
-        return self.output(out, cos, sin)
+            return kernel(q, kv, segment_ids, self.sinks[...].astype(jnp.float32), self.scale, cfg.sliding_window,
+                          cfg.attention_block_size, compressed, **index)
 
     @property
     def scale(self) -> float:
@@ -89,15 +93,25 @@ class V4Attention(nnx.Module):
             return jnp.einsum("btgr,grd->btd", low_rank, read(self.wo_b, dtype))
 
     def compressed(self, x, q_latent, positions, segment_ids) -> kernels.Compressed:
-        with jax.named_scope("v4_compressor"):
-            entries, entry_segment = self.compressor(x, segment_ids)
-            cos, sin = self.rope_tables(block_start_positions(positions, self.ratio, entries.shape[1]))
-            entries = rope.rotate_tail(entries, cos, sin).astype(x.dtype)
+        entries, entry_segment = self.entries(x, positions, segment_ids)
         selection = None
         if self.indexer is not None:
-            with jax.named_scope("v4_indexer"):
-                selection = self.indexer(x, q_latent, positions, segment_ids, self.rope_tables)
+            selection = self.indexer.select(x, q_latent, positions, self.rope_tables,
+                                            self.index_keys(x, positions, segment_ids))
         return kernels.Compressed(entries, entry_segment, self.ratio, selection)
+
+    def entries(self, x, positions, segment_ids, previous=None) -> tuple[jax.Array, jax.Array]:
+        """x [b, t, d] -> rotated entries [b, t // m, c] in x's dtype and their segments; `previous` is the block
+        before x (`Compressor`)."""
+        with jax.named_scope("v4_compressor"):
+            entries, entry_segment = self.compressor(x, segment_ids, previous)
+            cos, sin = self.rope_tables(block_start_positions(positions, self.ratio, entries.shape[1]))
+            return rope.rotate_tail(entries, cos, sin).astype(x.dtype), entry_segment
+
+    def index_keys(self, x, positions, segment_ids, previous=None) -> jax.Array:
+        """CSA: the lightning indexer's rotated compressed keys float32 [b, t // m, i]."""
+        with jax.named_scope("v4_indexer"):
+            return self.indexer.keys(x, positions, segment_ids, self.rope_tables, previous)
 
 
 def unweighted_rms(x: jax.Array, eps: float) -> jax.Array:

@@ -30,9 +30,19 @@ class Compressor(nnx.Module):
         self.position_bias = param(rngs, (ratio, parts * width), (None, Axis.HEAD_DIM), std=0)
         self.norm = RMSNorm(width, Axis.HEAD_DIM, eps=eps, rngs=rngs)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, previous: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """x [b, t, d] -> entries float32 [b, w, c] (w = t // m, not yet rotated) and each entry's segment [b, w]
-        (INVALID_SEGMENT where its block spans two packed documents: such an entry is never visible)."""
+        (INVALID_SEGMENT where its block spans two packed documents: such an entry is never visible).
+
+        `previous` (x [b, m, d], segments [b, m]) is the block before x, for a context shard whose first block
+        overlaps its left neighbour's last (CSA); its own entry is computed and dropped."""
+        if previous is not None:
+            if not self.overlap:
+                raise ValueError("only an overlapping compressor reads the previous block")
+            entries, entry_segment = self(jnp.concatenate([previous[0], x], 1),
+                                          jnp.concatenate([previous[1], segment_ids], 1))
+            return entries[:, 1:], entry_segment[:, 1:]
         b, t, _ = x.shape
         m = self.ratio
         w = t // m

@@ -29,12 +29,11 @@ class Indexer(nnx.Module):
         self.wq_b = param(rngs, (cfg.q_lora_rank, h, i), (Axis.Q_LORA, Axis.HEADS, Axis.HEAD_DIM), std=std)
         self.weights_proj = param(rngs, (cfg.hidden_size, h), (Axis.EMBED, Axis.HEADS), std=std)
 
-    def __call__(self, x, q_latent, positions, segment_ids, rope_tables) -> Selection:
-        cfg = self.cfg
-        keys, _ = self.compressor(x, segment_ids)
-        keys = rope.rotate_tail(keys, *rope_tables(block_start_positions(positions, cfg.csa_compress_ratio,
+    def keys(self, x, positions, segment_ids, rope_tables, previous=None):
+        """x [b, t, d] -> the rotated compressed keys float32 [b, t // m, i]; `previous` as in `Compressor`."""
+        keys, _ = self.compressor(x, segment_ids, previous)
+        return rope.rotate_tail(keys, *rope_tables(block_start_positions(positions, self.cfg.csa_compress_ratio,
                                                                          keys.shape[1])))
-        return self.select(x, q_latent, positions, rope_tables, keys)
 
     def select(self, x, q_latent, positions, rope_tables, keys) -> Selection:
         """The queries and head weights of tokens x [b, t, d] against (rotated) compressed keys [b, w, i]; serving

@@ -15,6 +15,11 @@ entries) and `v4_blockwise`: per query block, an online softmax over the window 
 entries visible so far (about t / 128) in chunks, and for `C` the indexer's top-k entries gathered per query, the
 indexer scoring only the chunks of entries visible so far (about t / 4) and keeping a running top-k. Chunks of
 entries past a query block are skipped, as `blockwise` skips key blocks past the diagonal.
+
+Context parallelism (`context.py`) runs the same kernels on one shard of the sequence: `q_index` / `k_index` give
+the global index of each local query and key (default: arange), `k_segment_ids` the keys' segments when the keys
+are not the queries (gathered, or with a halo in front). Visibility is decided from those indices alone, so a shard
+sees exactly what the unsplit kernel would. A negative key index (the halo of the first shard) is never visible.
 """
 
 from __future__ import annotations
@@ -30,12 +35,31 @@ from v4jax.attention import mask as masks
 _NEG = -1e30  # finite "minus infinity": keeps exp() and max() NaN-free on fully masked rows
 
 
-def reference(q, k, v, segment_ids, scale: float, window: int | None = None) -> jax.Array:
+def reference(q, k, v, segment_ids, scale: float, window: int | None = None, *, q_index=None, k_index=None,
+              k_segment_ids=None) -> jax.Array:
     scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    visible = masks.full(segment_ids, window)[:, None]
+    q_index, k_index, k_segment_ids = _defaults(q, k, segment_ids, q_index, k_index, k_segment_ids)
+    visible = masks.visible(q_index, k_index, segment_ids, k_segment_ids, window)[:, None]
     probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
     probs = jnp.where(visible, probs, 0.0)
     return jnp.einsum("bnts,bsnv->btnv", probs.astype(v.dtype), v)
+
+
+_FAR = 2 ** 30  # the index of right-padding keys: after every query, so never visible
+
+
+def _defaults(q, k, segment_ids, q_index, k_index, k_segment_ids):
+    """Global indices (default arange) and the keys' segments (default the queries')."""
+    return (jnp.arange(q.shape[1]) if q_index is None else q_index,
+            jnp.arange(k.shape[1]) if k_index is None else k_index,
+            segment_ids if k_segment_ids is None else k_segment_ids)
+
+
+def _pad_index(index: jax.Array, length: int, value: int | None = None) -> jax.Array:
+    """Pad [t] indices to `length`: with `value`, or (queries) continuing past the last so block maxima hold."""
+    extra = length - index.shape[0]
+    tail = index[-1] + 1 + jnp.arange(extra) if value is None else jnp.full((extra,), value, index.dtype)
+    return jnp.concatenate([index, tail.astype(index.dtype)])
 
 
 def _pad_time(x: jax.Array, length: int, value=0) -> jax.Array:
@@ -56,22 +80,26 @@ def _unblock(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 1).reshape(b, c * block, *x.shape[3:])
 
 
-def blockwise(q, k, v, segment_ids, scale: float, block: int) -> jax.Array:
+def blockwise(q, k, v, segment_ids, scale: float, block: int, *, q_index=None, k_index=None,
+              k_segment_ids=None) -> jax.Array:
     b, t, n, _ = q.shape
+    q_index, k_index, k_segment_ids = _defaults(q, k, segment_ids, q_index, k_index, k_segment_ids)
     block = min(block, t)
-    padded = math.ceil(t / block) * block
-    seg = _pad_time(segment_ids, padded, -1)
-    qb, kb, vb = (_blocks(_pad_time(x, padded), block) for x in (q, k, v))
-    segb = _blocks(seg, block)
-    offsets = jnp.arange(block)
+    padded, k_padded = (math.ceil(x.shape[1] / block) * block for x in (q, k))
+    segb = _blocks(_pad_time(segment_ids, padded, -1), block)
+    k_segb = _blocks(_pad_time(k_segment_ids, k_padded, -1), block)
+    qb = _blocks(_pad_time(q, padded), block)
+    kb, vb = (_blocks(_pad_time(x, k_padded), block) for x in (k, v))
+    q_indexb = _pad_index(q_index, padded).reshape(-1, block)
+    k_indexb = _pad_index(k_index, k_padded, _FAR).reshape(-1, block)
 
     @jax.checkpoint
-    def query_block(i, q_i, seg_i):
+    def query_block(q_i, seg_i, q_index_i):
         def key_block(carry, j):
             def update(carry):
                 m, l, acc = carry
                 scores = jnp.einsum("btnh,bsnh->bnts", q_i, kb[j], preferred_element_type=jnp.float32) * scale
-                visible = masks.visible(i * block + offsets, j * block + offsets, seg_i, segb[j])[:, None]
+                visible = masks.visible(q_index_i, k_indexb[j], seg_i, k_segb[j])[:, None]
                 scores = jnp.where(visible, scores, _NEG)
                 m_new = jnp.maximum(m, scores.max(-1))
                 probs = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
@@ -80,7 +108,8 @@ def blockwise(q, k, v, segment_ids, scale: float, block: int) -> jax.Array:
                 pv = jnp.einsum("bnts,bsnv->bntv", probs.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32)
                 return m_new, l, acc * correction[..., None] + pv
 
-            return jax.lax.cond(j <= i, update, lambda c: c, carry), None
+            # skip key blocks wholly after the query block (past the diagonal)
+            return jax.lax.cond(k_indexb[j].min() <= q_index_i.max(), update, lambda c: c, carry), None
 
         init = (jnp.full((b, n, block), _NEG, jnp.float32), jnp.zeros((b, n, block), jnp.float32),
                 jnp.zeros((b, n, block, v.shape[-1]), jnp.float32))
@@ -88,39 +117,55 @@ def blockwise(q, k, v, segment_ids, scale: float, block: int) -> jax.Array:
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]
         return jnp.einsum("bntv->btnv", out).astype(v.dtype)
 
-    out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(qb.shape[0]), qb, segb))
+    out = jax.lax.map(lambda args: query_block(*args), (qb, segb, q_indexb))
     return _unblock(out)[:, :t]
 
 
-def banded(q, k, v, segment_ids, scale: float, window: int, block: int) -> jax.Array:
+def banded(q, k, v, segment_ids, scale: float, window: int, block: int, *, q_index=None, k_index=None,
+           k_segment_ids=None) -> jax.Array:
+    """Keys may start `prefix = s - t` positions before the queries (a context shard's halo), at most `reach`."""
     t = q.shape[1]
+    q_index, k_index, k_segment_ids = _defaults(q, k, segment_ids, q_index, k_index, k_segment_ids)
     block = min(block, t)
     padded = math.ceil(t / block) * block
     reach = math.ceil((window - 1) / block) * block  # keys before a query block that its window can touch
-    seg = _pad_time(segment_ids, padded, -1)
-    # Left-pad keys by `reach` so query block i reads keys [i*block - reach, (i+1)*block) at offset i*block.
-    kp, vp = (jnp.pad(_pad_time(x, padded), ((0, 0), (reach, 0), (0, 0), (0, 0))) for x in (k, v))
-    segp = jnp.pad(seg, ((0, 0), (reach, 0)), constant_values=-1)
-    qb, segb = _blocks(_pad_time(q, padded), block), _blocks(seg, block)
+    kp, vp, segp, k_indexp = _band_keys((k, v), k_segment_ids, k_index, t, padded, reach)
+    qb, segb = _blocks(_pad_time(q, padded), block), _blocks(_pad_time(segment_ids, padded, -1), block)
+    q_indexb = _pad_index(q_index, padded).reshape(-1, block)
     width = reach + block
 
     @jax.checkpoint
-    def query_block(i, q_i, seg_i):
+    def query_block(i, q_i, seg_i, q_index_i):
         start = i * block
-        k_i = jax.lax.dynamic_slice_in_dim(kp, start, width, axis=1)
-        v_i = jax.lax.dynamic_slice_in_dim(vp, start, width, axis=1)
-        seg_k = jax.lax.dynamic_slice_in_dim(segp, start, width, axis=1)
-        key_index = start - reach + jnp.arange(width)
-        # The left pad (negative key index) is invisible whatever segment id a query carries.
-        visible = masks.visible(start + jnp.arange(block), key_index, seg_i, seg_k, window) & (key_index >= 0)
-        visible = visible[:, None]
+        k_i, v_i, seg_k, key_index = (jax.lax.dynamic_slice_in_dim(x, start, width, axis=1 if x.ndim > 1 else 0)
+                                      for x in (kp, vp, segp, k_indexp))
+        visible = masks.visible(q_index_i, key_index, seg_i, seg_k, window)[:, None]
         scores = jnp.einsum("btnh,bsnh->bnts", q_i, k_i, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
         probs = jnp.where(visible, probs, 0.0)
         return jnp.einsum("bnts,bsnv->btnv", probs.astype(v_i.dtype), v_i)
 
-    out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(qb.shape[0]), qb, segb))
+    out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(qb.shape[0]), qb, segb, q_indexb))
     return _unblock(out)[:, :t]
+
+
+def _band_keys(values, k_segment_ids, k_index, t: int, padded: int, reach: int):
+    """Keys laid out for band slicing: query block i reads [i*block, i*block + reach + block) of each returned
+    array. The keys start `prefix = s - t` positions before the queries; they are left-padded to `reach` with an
+    index that is never visible (-_FAR) and right-padded to the queries' padded length (+_FAR)."""
+    prefix = k_index.shape[0] - t
+    if not 0 <= prefix <= reach:
+        raise ValueError(f"banded attention: {prefix} keys before the first query, at most {reach} supported")
+    left, right = reach - prefix, padded - t
+
+    def lay(x, fill=0):
+        pad = [(0, 0)] * x.ndim
+        pad[1 if x.ndim > 1 else 0] = (left, right)
+        return jnp.pad(x, pad, constant_values=fill)
+
+    index = jnp.concatenate([jnp.full((left,), -_FAR, k_index.dtype), k_index,
+                             jnp.full((right,), _FAR, k_index.dtype)])
+    return (*(lay(x) for x in values), lay(k_segment_ids, -1), index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,15 +239,15 @@ def _row_max(arrays: list[jax.Array]) -> jax.Array:
 
 
 def v4_reference(q, kv, segment_ids, sinks, scale: float, window: int, block: int,
-                 compressed: Compressed | None) -> jax.Array:
+                 compressed: Compressed | None, *, q_index=None, k_index=None, k_segment_ids=None) -> jax.Array:
     """Dense masks over all raw and compressed entries: the numerics reference for `v4_blockwise`."""
     del block
+    q_index, k_index, k_segment_ids = _defaults(q, kv, segment_ids, q_index, k_index, k_segment_ids)
     scores = jnp.einsum("btnc,bsc->bnts", q, kv, preferred_element_type=jnp.float32) * scale
-    parts = [(scores, masks.full(segment_ids, window)[:, None])]
+    parts = [(scores, masks.visible(q_index, k_index, segment_ids, k_segment_ids, window)[:, None])]
     values = [kv]
     if compressed is not None:
-        index = jnp.arange(q.shape[1])
-        visible = compressed.visible(index, segment_ids)
+        visible = compressed.visible(q_index, segment_ids)
         if compressed.selection is not None:
             sel = compressed.selection
             chosen, real = _topk_entries(compressed, visible, sel.queries, sel.weights)
@@ -222,7 +267,7 @@ GATHER_BYTES = 2 ** 21
 
 def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: int,
                  compressed: Compressed | None, *, chunk: int | None = None, span: int | None = None,
-                 gather: int | None = None) -> jax.Array:
+                 gather: int | None = None, q_index=None, k_index=None, k_segment_ids=None) -> jax.Array:
     """Per query block of `block` tokens (each rematerialised in the backward pass): an online softmax, seeded with
     the per-head sink (in the denominator, its probability dropped), over the window band, then
 
@@ -245,13 +290,13 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
     gathered entries (C), O(block x chunk) scores (H).
     """
     b, t, n, c = q.shape
+    q_index, k_index, k_segment_ids = _defaults(q, kv, segment_ids, q_index, k_index, k_segment_ids)
     block = min(block, t)
     padded = math.ceil(t / block) * block
     reach = math.ceil((window - 1) / block) * block
-    seg = _pad_time(segment_ids, padded, -1)
-    kvp = jnp.pad(_pad_time(kv, padded), ((0, 0), (reach, 0), (0, 0)))
-    segp = jnp.pad(seg, ((0, 0), (reach, 0)), constant_values=-1)
-    per_block = {"q": _blocks(_pad_time(q, padded), block), "seg": _blocks(seg, block)}
+    kvp, segp, k_indexp = _band_keys((kv,), k_segment_ids, k_index, t, padded, reach)
+    per_block = {"q": _blocks(_pad_time(q, padded), block), "seg": _blocks(_pad_time(segment_ids, padded, -1), block),
+                 "index": _pad_index(q_index, padded).reshape(-1, block)}
     if compressed is not None:
         w = compressed.entries.shape[1]
         k = 0 if compressed.selection is None else min(compressed.selection.topk, w)
@@ -275,12 +320,10 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
     @jax.checkpoint
     def query_block(i, inputs):
         start = i * block
-        q_i, seg_i = inputs["q"], inputs["seg"]
-        q_index = start + jnp.arange(block)
-        key_index = start - reach + jnp.arange(reach + block)
-        kv_i = jax.lax.dynamic_slice_in_dim(kvp, start, reach + block, axis=1)
-        seg_k = jax.lax.dynamic_slice_in_dim(segp, start, reach + block, axis=1)
-        band = masks.visible(q_index, key_index, seg_i, seg_k, window) & (key_index >= 0)
+        q_i, seg_i, q_index = inputs["q"], inputs["seg"], inputs["index"]
+        kv_i, seg_k, key_index = (jax.lax.dynamic_slice_in_dim(x, start, reach + block, axis=1 if x.ndim > 1 else 0)
+                                  for x in (kvp, segp, k_indexp))
+        band = masks.visible(q_index, key_index, seg_i, seg_k, window)
         state = (jnp.broadcast_to(sinks[None, :, None], (b, n, block)), jnp.ones((b, n, block), jnp.float32),
                  jnp.zeros((b, n, block, c), jnp.float32))
         scores = jnp.einsum("btnc,bsc->bnts", q_i, kv_i, preferred_element_type=jnp.float32) * scale
@@ -356,7 +399,7 @@ def _chunked_entries(state, q, q_segment, limit, entry_chunks, chunk: int, scale
             scores = jnp.einsum("btnc,bsc->bnts", q, entries, preferred_element_type=jnp.float32) * scale
             return _absorb(state, scores, visible[:, None], entries, "bnts,bsc->bntc")
 
-        return jax.lax.cond(j * chunk < limit[-1], update, lambda s: s, state), None
+        return jax.lax.cond(j * chunk < limit.max(), update, lambda s: s, state), None
 
     xs = (jnp.arange(entry_chunks["seg"].shape[0]), entry_chunks["entries"], entry_chunks["seg"])
     return jax.lax.scan(step, state, xs)[0]
@@ -383,7 +426,7 @@ def _chunked_topk(sel: Selection, queries, weights, q_segment, limit, entry_chun
                 return jnp.where(visible, sel.scores(queries, weights, keys_j), -jnp.inf)
 
             skipped = jnp.full((b, t, chunk), -jnp.inf, jnp.float32)
-            return None, jax.lax.cond(first < limit[-1], score, lambda _: skipped, None)
+            return None, jax.lax.cond(first < limit.max(), score, lambda _: skipped, None)
 
         scores = jax.lax.scan(step, None, (jnp.arange(per_span), keys_s, seg_s))[1]  # [per_span, b, t, chunk]
         return jnp.moveaxis(scores, 0, 2).reshape(b, t, span)
@@ -399,7 +442,7 @@ def _chunked_topk(sel: Selection, queries, weights, q_segment, limit, entry_chun
             fresh = jnp.broadcast_to(s * span + jnp.arange(span), (b, t, span))
             return values, jnp.take_along_axis(jnp.concatenate([index, fresh], -1), pos, axis=-1)
 
-        return jax.lax.cond(s * span < limit[-1], update, lambda c: c, carry), None
+        return jax.lax.cond(s * span < limit.max(), update, lambda c: c, carry), None
 
     if spans > 1:
         (values, index), _ = jax.lax.scan(merge, (values, index), (jnp.arange(1, spans), keys[1:], seg[1:]))

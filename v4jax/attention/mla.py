@@ -67,23 +67,32 @@ class MLA(nnx.Module):
     def scale(self) -> float:
         return rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        cfg, dtype = self.cfg, x.dtype
-        nope = cfg.qk_nope_head_dim
-        with jax.named_scope("mla_projections"):
-            q, latent, k_rope = self.project(x, positions)
-            kv = jnp.einsum("btr,rnh->btnh", latent, read(self.wkv_b, dtype))
-            k_nope, v = jnp.split(kv, [nope], axis=-1)
-            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))],
-                                axis=-1)
-            q, k, v = (constrain(a, (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM)) for a in (q, k, v))
-        scale = self.scale
+    def keys_values(self, latent: jax.Array, k_rope: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Latent [b, s, r] and rotated rope key [b, s, p] -> per-head keys [b, s, n, h] and values [b, s, n, v]."""
+        kv = jnp.einsum("bsr,rnh->bsnh", latent, read(self.wkv_b, latent.dtype))
+        k_nope, v = jnp.split(kv, [self.cfg.qk_nope_head_dim], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))],
+                            axis=-1)
+        return k, v
+
+    def attend(self, q, k, v, segment_ids, **index) -> jax.Array:
+        """The kernel of this layer's kind and the config's implementation; `index` passes a context shard's
+        global indices and key segments (`kernels`)."""
+        cfg = self.cfg
+        q, k, v = (constrain(a, (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM)) for a in (q, k, v))
         with jax.named_scope("mla_kernel"):
             if cfg.attention_impl is AttentionImpl.REFERENCE:
-                out = kernels.reference(q, k, v, segment_ids, scale, self.window)
-            elif self.window is None:
-                out = kernels.blockwise(q, k, v, segment_ids, scale, cfg.attention_block_size)
-            else:
-                out = kernels.banded(q, k, v, segment_ids, scale, self.window, cfg.attention_block_size)
+                return kernels.reference(q, k, v, segment_ids, self.scale, self.window, **index)
+            if self.window is None:
+                return kernels.blockwise(q, k, v, segment_ids, self.scale, cfg.attention_block_size, **index)
+            return kernels.banded(q, k, v, segment_ids, self.scale, self.window, cfg.attention_block_size, **index)
+
+    def output(self, out: jax.Array) -> jax.Array:
         with jax.named_scope("mla_output"):
-            return jnp.einsum("btnv,nvd->btd", out, read(self.wo, dtype))
+            return jnp.einsum("btnv,nvd->btd", out, read(self.wo, out.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        with jax.named_scope("mla_projections"):
+            q, latent, k_rope = self.project(x, positions)
+            k, v = self.keys_values(latent, k_rope)
+        return self.output(self.attend(q, k, v, segment_ids))

@@ -13,7 +13,7 @@ from v4jax.sharding.mesh import MESH_AXES, MeshAxis, make_mesh
 from v4jax.sharding.rules import PRESETS, Preset, get_rules, logical_to_spec, use_rules
 
 __all__ = ["Axis", "MESH_AXES", "MeshAxis", "PRESETS", "Preset", "constrain", "dividing_axes", "get_rules",
-           "logical_to_spec", "make_mesh", "mesh_axes", "state_shardings", "use_rules", "variable_axes"]
+           "logical_to_spec", "make_mesh", "mesh_axes", "mesh_rules", "state_shardings", "use_rules", "variable_axes"]
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
@@ -23,9 +23,10 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    shape = dict(mesh.shape)
+    shape, manual = dict(mesh.shape), set(mesh.manual_axes)  # inside a shard_map the manual axes are not ours
     spec = logical_to_spec(logical, mesh_shape=shape)
-    entries = (dividing_axes(mesh_axes(entry), size, shape) for entry, size in zip(spec, x.shape))
+    entries = (dividing_axes(tuple(a for a in mesh_axes(entry) if a not in manual), size, shape)
+               for entry, size in zip(spec, x.shape))
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(mesh, PartitionSpec(*(None if not a else a[0] if len(a) == 1 else a for a in entries))))
 
@@ -44,6 +45,16 @@ def dividing_axes(axes: Sequence[str], size: int, mesh_shape) -> tuple[str, ...]
         kept.append(axis)
         product *= mesh_shape[axis]
     return tuple(kept)
+
+
+def mesh_rules(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules=None):
+    """The rules to run on `mesh`: `rules` (default: the current ones), plus `seq` on `context` when the mesh splits
+    `context` and the rules place `seq` nowhere, so a mesh with context > 1 trains with the sequence split (the
+    `long` preset is exactly `train` plus that)."""
+    rules = get_rules(rules)
+    if dict(mesh.shape).get(MeshAxis.CONTEXT, 1) > 1 and not rules.get(Axis.SEQ):
+        return {**rules, Axis.SEQ: (MeshAxis.CONTEXT,)}
+    return rules
 
 
 def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:

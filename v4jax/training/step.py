@@ -20,7 +20,7 @@ from flax import nnx, struct
 from v4jax import model
 from v4jax.config import ModelConfig
 from v4jax.moe.routing import RouterBias
-from v4jax.sharding import Axis, logical_to_spec, state_shardings
+from v4jax.sharding import Axis, logical_to_spec, mesh_rules, state_shardings, use_rules
 from v4jax.training.config import RunConfig, TrainConfig
 
 Batch = dict[str, jax.Array]  # tokens, targets, segment_ids, positions (int32 [b, t]), loss_mask ([b, t])
@@ -217,7 +217,7 @@ def _optimizer_init(optimizer, params, mesh):
 
 
 def batch_sharding(mesh) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, logical_to_spec(BATCH_AXES, mesh_shape=dict(mesh.shape)))
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(BATCH_AXES, mesh_rules(mesh), mesh_shape=dict(mesh.shape)))
 
 
 def jit_train_step(run: RunConfig, optimizer: optax.GradientTransformation, state: TrainState, mesh=None):
@@ -227,9 +227,12 @@ def jit_train_step(run: RunConfig, optimizer: optax.GradientTransformation, stat
         return jax.jit(step, donate_argnums=0)
     state_shardings_ = jax.tree.map(lambda a: a.sharding, state)
 
+    rules = mesh_rules(mesh)
+
     def on_mesh(state, batch):
-        # Traced under the mesh: `constrain` pins activations and the MoE can shard_map over `expert`.
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        # Traced under the mesh: `constrain` pins activations, the MoE can shard_map over `expert` and attention
+        # over `context` (a mesh that splits it trains with the sequence split: `mesh_rules`).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), use_rules(rules):
             return step(state, batch)
 
     return jax.jit(on_mesh, in_shardings=(state_shardings_, batch_sharding(mesh)),
