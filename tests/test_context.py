@@ -192,4 +192,6 @@ def test_train_step_with_context_4_equals_unsplit_step():
     single, sharded, single_metrics, metrics = jax.device_get((single, sharded, single_metrics, metrics))
     for name in ("loss", "grad_norm"):
         np.testing.assert_allclose(metrics[name], single_metrics[name], rtol=1e-5, err_msg=name)
-    assert_close(sharded.params, single.params, 1e-5, "params")
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(sharded.params),
+                                 jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
