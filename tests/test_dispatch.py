@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from test_moe import independent_drops
-from v4jax import cost
+from v4jax import cost, hlo
 from v4jax.config import MlpKind, MoeImpl, capacity, preset
 from v4jax.moe import dispatch
 from v4jax.moe.moe import MoE
@@ -110,6 +110,23 @@ def test_expert_parallel_equals_dense(v3_moe, layout, impl):
     graphdef = nnx.split(MoE(cfg.replace(moe_impl=impl, expert_tensor_parallel=expert_tp), nnx.Rngs(params=0)))[0]
     got = run(graphdef, params, rest, x, cotangent, tokens, make_mesh(**sizes))
     assert_same(got, reference)
+
+
+@pytest.mark.parametrize("sizes,rules", [({"data": 4}, TRAIN), ({"data": 2, "context": 4}, "long")],
+                         ids=["data4", "data2-context4"])
+def test_local_impl_runs_per_token_shard_without_an_expert_axis(v3_moe, sizes, rules):
+    """Without expert parallelism each token shard runs the einsum on its own tokens: equal to the dense reference,
+    and no device gathers the token rows (GSPMD would, for the sort and the [e, tokens, d] buffers)."""
+    cfg, params, rest, (x, cotangent, tokens), reference = v3_moe
+    graphdef = nnx.split(MoE(cfg.replace(moe_impl="einsum"), nnx.Rngs(params=0)))[0]
+    mesh = make_mesh(**sizes)
+    assert_same(run(graphdef, params, rest, x, cotangent, tokens, mesh, rules), reference)
+    with jax.set_mesh(mesh), use_rules(rules):
+        text = jax.jit(lambda x: nnx.merge(graphdef, params, rest)(x, tokens)[0]).lower(x).compile().as_text()
+    assert "moe_einsum_per_shard" in text
+    # (the router's small per-token scores are still gathered by GSPMD for its top-k; token rows never are)
+    gathered = [op.shape for op in hlo.collectives(text) if op.op == "all-gather"]
+    assert all(shape[-1] != cfg.hidden_size for shape in gathered), gathered
 
 
 def test_hash_routed_layer_under_expert_parallelism():

@@ -156,17 +156,23 @@ def _mesh_sizes(text: str) -> dict[str, int]:
     return sizes
 
 
+def _option(argv: list[str], flag: str, default: str) -> str:
+    """The last value given for `flag` (`--flag V` or `--flag=V`) in raw argv, before parsing."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def _host_devices(argv: list[str], default_mesh: str = "", minimum: int = 1) -> None:
     """Before jax is imported: give the CPU platform as many (fake) devices as the --mesh asks for (`moe`: at least
     8), unless XLA_FLAGS already sets a count. Only the host platform reads the flag."""
     if "jax" in sys.modules or "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
-    mesh = default_mesh
-    for i, arg in enumerate(argv):
-        if arg == "--mesh" and i + 1 < len(argv):
-            mesh = argv[i + 1]
-        elif arg.startswith("--mesh="):
-            mesh = arg.split("=", 1)[1]
+    mesh = _option(argv, "--mesh", default_mesh)
     sizes = dict(part.partition("=")[::2] for part in mesh.split(",") if part.strip())
     count = max(minimum, math.prod(int(v) for v in sizes.values() if v.strip().isdigit() and int(v) > 0))
     if count > 1:
@@ -177,12 +183,7 @@ def _host_devices(argv: list[str], default_mesh: str = "", minimum: int = 1) -> 
 def _context_devices(argv: list[str]) -> int:
     """The largest --context size asked for (the default's if absent or unreadable), at most MAX_FAKE_DEVICES: the
     fake CPU devices `context` gives itself. Bad values are reported after parsing."""
-    text = CONTEXT_DEFAULT
-    for i, arg in enumerate(argv):
-        if arg == "--context" and i + 1 < len(argv):
-            text = argv[i + 1]
-        elif arg.startswith("--context="):
-            text = arg.split("=", 1)[1]
+    text = _option(argv, "--context", CONTEXT_DEFAULT)
     sizes = [int(v) for v in text.split(",") if v.strip().isdigit()]
     return min(MAX_FAKE_DEVICES, max(sizes, default=1))
 

@@ -245,10 +245,17 @@ def resolve_impl(cfg: ModelConfig, b: int, t: int) -> MoeImpl:
 
 def routed(cfg: ModelConfig, w: FFN, x: jax.Array, weights: jax.Array, indices: jax.Array) -> Dispatched:
     """x [b, t, d], weights float32 [b, t, k], indices int32 [b, t, k] -> Dispatched (see the module docstring)."""
-    b, t, d = x.shape
+    b, t, _ = x.shape
     impl = resolve_impl(cfg, b, t)
     if impl in EXPERT_PARALLEL:
         return _expert_parallel(cfg, impl, w, x, weights, indices)
+    if impl is not MoeImpl.DENSE and (lay := _token_split(cfg, b, t)) is not None:
+        return _per_shard(cfg, impl, lay, w, x, weights, indices)
+    return _local(cfg, impl, w, x, weights, indices)
+
+
+def _local(cfg: ModelConfig, impl: MoeImpl, w: FFN, x, weights, indices) -> Dispatched:
+    b, t, d = x.shape
     flat, k = x.reshape(b * t, d), indices.shape[-1]
     if impl is MoeImpl.DENSE:
         y, kept = _dense(w, flat, weights.reshape(b * t, k), indices.reshape(b * t, k)), None
@@ -258,6 +265,30 @@ def routed(cfg: ModelConfig, w: FFN, x: jax.Array, weights: jax.Array, indices: 
         y = combine(out, weights.reshape(b * t, k))
     dropped = jnp.zeros(indices.shape, bool) if kept is None else ~kept.reshape(indices.shape)
     return Dispatched(y.reshape(b, t, d), dropped, jnp.zeros((), jnp.float32))
+
+
+def _token_split(cfg: ModelConfig, b: int, t: int) -> Layout | None:
+    """The token split of a mesh without expert parallelism (every expert on every device), or None where the
+    tokens are whole or the expert width is split (GSPMD then partitions the matmuls)."""
+    lay = layout(cfg, b, t, tokens_over_ep=False)
+    if lay is None or lay.p > 1 or lay.tp or lay.token_shards == 1:
+        return None
+    return lay
+
+
+def _per_shard(cfg, impl, lay: Layout, w: FFN, x, weights, indices) -> Dispatched:
+    """The local grouped matmul on each token shard (data or context split, experts replicated). Under GSPMD the
+    token sort and the capacity buffers would span every shard's tokens ([e, all tokens, d] per device with exact
+    capacity); per shard they hold its own, and capacity counts its own tokens, as ep_a2a's does."""
+    tok3 = P(*lay.tokens, None)
+
+    def body(gate, up, down, x, weights, indices):
+        return _local(cfg, impl, FFN(gate, up, down, w.limit), x, weights, indices)[:2]
+
+    fn = jax.shard_map(body, mesh=lay.mesh, in_specs=(P(), P(), P(), tok3, tok3, tok3), out_specs=(tok3, tok3))
+    with jax.named_scope(f"moe_{impl.value}_per_shard"):
+        y, dropped = fn(w.gate, w.up, w.down, x, weights, indices)
+    return Dispatched(y, dropped, jnp.zeros((), jnp.float32))
 
 
 def _dense(w: FFN, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:

@@ -50,11 +50,14 @@ class MoE(nnx.Module):
         """x [b, t, d], tokens int [b, t] (hash layers only; ignored otherwise) -> y [b, t, d], statistics."""
         b, t, d = x.shape
         with jax.named_scope("moe_router"):
-            weights, indices = self.route(x.reshape(b * t, d), tokens)
+            # Per row, not over x.reshape(b * t, d): with batch and sequence split over different mesh axes
+            # (data x context) GSPMD gathers the sequence to merge the two dimensions.
+            if self.is_hash and tokens is not None and tokens.size != b * t:
+                raise ValueError(f"tokens {tokens.shape} must hold one id per position of x ({b * t} positions)")
+            rows = tokens.reshape(b, t) if self.is_hash and tokens is not None else None
+            weights, indices = jax.vmap(self.route)(x, rows)
         with jax.named_scope("moe_experts"):
-            k = indices.shape[-1]
-            out = dispatch.routed(self.cfg, self.experts.ffn(x.dtype), x, weights.reshape(b, t, k),
-                                  indices.reshape(b, t, k))
+            out = dispatch.routed(self.cfg, self.experts.ffn(x.dtype), x, weights, indices)
         y = out.y
         if self.shared is not None:
             with jax.named_scope("moe_shared"):

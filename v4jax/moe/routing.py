@@ -115,5 +115,5 @@ def limit_to_top_groups(choice: jax.Array, n_group: int, topk_group: int) -> jax
     grouped = choice.reshape(n, n_group, e // n_group)
     group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [n, g]
     _, top_groups = jax.lax.top_k(group_scores, topk_group)
-    keep = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+    keep = jnp.any(top_groups[:, :, None] == jnp.arange(n_group), axis=1)  # [n, g]; a compare, not a scatter
     return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, e)
