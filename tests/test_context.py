@@ -111,7 +111,7 @@ def test_layer_bytes_match_cost_model(layer, c):
     assert hlo.received_bytes(text) == want
 
 
-def test_cost_model_grows_with_the_split_as_each_kind_should():
+def test_context_bytes_worked_examples():
     cfg_v3, cfg_v4 = preset("deepseek-v3-671b"), preset("deepseek-v4-flash")
     seq = 1 << 20
     halo = cost.context_bytes(cfg_v4, AttentionKind.WINDOW, seq, 8)

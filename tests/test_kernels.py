@@ -141,7 +141,7 @@ def test_mask_visible():
                          [0, 0, 1, 1, 0],
                          [0, 0, 0, 1, 1]])
     np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(np.asarray(mask.full(seg))[0].astype(int),
+    np.testing.assert_array_equal(np.asarray(mask.visible(index, index, seg, seg))[0].astype(int),
                                   np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
                                             [0, 0, 1, 1, 1]]))
 

@@ -10,9 +10,9 @@ sharding rules (the logical `seq` axis on `context`); parameters are created rep
 `context` along t. The function compiled and timed is `model.apply(...).logits` reduced to its mean inside the jit
 (`forward_fn`): the output is one float, so the peak is the stack's activations (attention, residual streams,
 MoE) rather than the [b, t, vocab] logits, and the unused MTP head is dead code. It is lowered, compiled and
-called under `use_rules("long")` and `use_abstract_mesh(mesh.abstract_mesh)`, through the public model path only:
-whatever the attention does with a sequence split over `context` (GSPMD's propagation, or a context-parallel
-kernel) is what is measured.
+called under `use_rules("long")` and `use_abstract_mesh(mesh.abstract_mesh)`, through the public model path only,
+so what is measured is the model as users run it: attention split by `attention.context`, the MoE per token
+shard, everything else under GSPMD.
 
 Per-device peak memory is XLA's account of one device's partition of the compiled program
 (`v4jax.moe.bench.memory`: arguments + outputs + temp - aliased; temp is reported too). It needs no run, so a

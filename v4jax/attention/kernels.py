@@ -137,8 +137,7 @@ def banded(q, k, v, segment_ids, scale: float, window: int, block: int, *, q_ind
     @jax.checkpoint
     def query_block(i, q_i, seg_i, q_index_i):
         start = i * block
-        k_i, v_i, seg_k, key_index = (jax.lax.dynamic_slice_in_dim(x, start, width, axis=1 if x.ndim > 1 else 0)
-                                      for x in (kp, vp, segp, k_indexp))
+        k_i, v_i, seg_k, key_index = _band_slices((kp, vp, segp, k_indexp), start, width)
         visible = masks.visible(q_index_i, key_index, seg_i, seg_k, window)[:, None]
         scores = jnp.einsum("btnh,bsnh->bnts", q_i, k_i, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
@@ -166,6 +165,12 @@ def _band_keys(values, k_segment_ids, k_index, t: int, padded: int, reach: int):
     index = jnp.concatenate([jnp.full((left,), -_FAR, k_index.dtype), k_index,
                              jnp.full((right,), _FAR, k_index.dtype)])
     return (*(lay(x) for x in values), lay(k_segment_ids, -1), index)
+
+
+def _band_slices(arrays, start, width: int) -> tuple[jax.Array, ...]:
+    """One query block's window of `_band_keys`' arrays: [start, start + width) along time (axis 1; 0 for the
+    [s] indices)."""
+    return tuple(jax.lax.dynamic_slice_in_dim(x, start, width, axis=1 if x.ndim > 1 else 0) for x in arrays)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,8 +326,7 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
     def query_block(i, inputs):
         start = i * block
         q_i, seg_i, q_index = inputs["q"], inputs["seg"], inputs["index"]
-        kv_i, seg_k, key_index = (jax.lax.dynamic_slice_in_dim(x, start, reach + block, axis=1 if x.ndim > 1 else 0)
-                                  for x in (kvp, segp, k_indexp))
+        kv_i, seg_k, key_index = _band_slices((kvp, segp, k_indexp), start, reach + block)
         band = masks.visible(q_index, key_index, seg_i, seg_k, window)
         state = (jnp.broadcast_to(sinks[None, :, None], (b, n, block)), jnp.ones((b, n, block), jnp.float32),
                  jnp.zeros((b, n, block, c), jnp.float32))

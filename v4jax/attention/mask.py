@@ -9,7 +9,6 @@ visible.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def visible(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array, k_segment: jax.Array,
@@ -21,8 +20,3 @@ def visible(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array, k_segm
         allowed = allowed & (delta < window)
     return allowed[None] & (q_segment[:, :, None] == k_segment[:, None, :])
 
-
-def full(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
-    """The whole [b, t, t] mask, for the dense reference path."""
-    index = jnp.arange(segment_ids.shape[1])
-    return visible(index, index, segment_ids, segment_ids, window)
