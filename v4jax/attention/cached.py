@@ -8,9 +8,10 @@ Serving runs prefill chunks (t = chunk) and decode steps (t = 1) through this on
 and count 0 leaves the row untouched), so rows of one batch sit at different positions.
 
 What a layer caches (`cache_shapes`; cost.py predicts these bytes exactly, with `state` included):
-  ring         [b, N, e]    the window (N = min(max_len, sliding_window)) or, for `M`, every position (N = max_len),
+  ring         [b, N, e]    S, W and every V4 window branch: the window (N = min(max_len, sliding_window)),
                             slot = position mod N. MLA stores the latent and the rotated rope key (e = r + p), not
                             per-head keys and values; V4 stores the shared K=V entry (e = c).
+  latents      [b, L, e]    M: every position's latent and rope key (a ring that never wraps: N = L = max_len).
   entries      [b, L/m, c]  C and H: completed compressed entries, rotated (append-only, index = block).
   index_keys   [b, L/m, i]  C: the lightning indexer's compressed keys.
   state_kv/state_gate, index_state_kv/index_state_gate  float32 [b, S, parts * width]: the compressors' pending
@@ -32,8 +33,25 @@ from v4jax.attention.mla import MLA
 from v4jax.config import AttentionKind, ModelConfig
 from v4jax.layers import rope
 from v4jax.layers.linear import read
+from v4jax.sharding import Axis
 
 LayerCache = dict[str, jax.Array]
+
+# The arrays whose position axis grows with max_len: on a mesh with `context` > 1 they are split along it
+# (`Axis.CACHE_SEQ`, the `serve` rules), which is where splitting a long cache pays; rings and compressor states
+# are bounded by the window and the ratio and stay whole.
+SPLIT_LEAVES = ("latents", "entries", "index_keys")
+
+
+def ring_name(kind: AttentionKind) -> str:
+    """M's window is every position (`latents`); the other kinds keep a `ring` of the window."""
+    return "latents" if kind is AttentionKind.FULL else "ring"
+
+
+def cache_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of one layer's cache array `name` (no `layers` axis): batch first, then `cache_seq` for
+    the arrays in SPLIT_LEAVES."""
+    return (Axis.BATCH, Axis.CACHE_SEQ if name in SPLIT_LEAVES else None) + (None,) * (ndim - 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,7 +64,7 @@ def cache_shapes(cfg: ModelConfig, kind: AttentionKind, batch: int, max_len: int
     mla = kind in (AttentionKind.FULL, AttentionKind.SLIDING)
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim if mla else cfg.head_dim
     ring = max_len if kind is AttentionKind.FULL else min(max_len, cfg.sliding_window)
-    shapes = {"ring": ((batch, ring, width), dtype)}
+    shapes = {ring_name(kind): ((batch, ring, width), dtype)}
     ratio = cfg.compress_ratio(kind)
     if ratio and max_len >= ratio:
         csa = kind is AttentionKind.CSA
@@ -114,7 +132,8 @@ def mla_extend(attn: MLA, x: jax.Array, cache: LayerCache, start: jax.Array, cou
     with jax.named_scope("mla_projections"):
         q, latent, k_rope = attn.project(x, q_pos)
         new = jnp.concatenate([latent, k_rope], axis=-1)
-        keys, key_pos, key_real = ring_keys(cache["ring"], new, start, count)
+        name = ring_name(AttentionKind.FULL if attn.window is None else AttentionKind.SLIDING)
+        keys, key_pos, key_real = ring_keys(cache[name], new, start, count)
         w_uk, w_uv = jnp.split(read(attn.wkv_b, dtype), [nope], axis=-1)
         q_latent = jnp.einsum("btnh,rnh->btnr", q[..., :nope], w_uk)
     with jax.named_scope("mla_absorbed"):
@@ -126,7 +145,7 @@ def mla_extend(attn: MLA, x: jax.Array, cache: LayerCache, start: jax.Array, cou
         out = jnp.einsum("btnr,rnv->btnv", out_latent, w_uv)
     with jax.named_scope("mla_output"):
         y = jnp.einsum("btnv,nvd->btd", out, read(attn.wo, dtype))
-    return y, {"ring": ring_write(cache["ring"], new, start, count)}
+    return y, {name: ring_write(cache[name], new, start, count)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 
 from v4jax import model
-from v4jax.attention.cached import LayerCache, cache_shapes
+from v4jax.attention.cached import LayerCache, cache_axes, cache_shapes
 from v4jax.config import ModelConfig
 from v4jax.sharding import Axis, Preset, get_rules, logical_to_spec
 
@@ -60,30 +60,28 @@ def cache_spec(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
 
 
 def _logical_axes(cache: Cache) -> Cache:
-    """Logical axes per leaf: batch-major arrays, the unit's behind their `layers` axis."""
-    def axes(leaf, stacked: bool):
-        tail = (None,) * (leaf.ndim - 1 - stacked)
-        return ((Axis.LAYERS,) if stacked else ()) + (Axis.BATCH,) + tail
+    """Logical axes per leaf (`attention.cached.cache_axes`), the unit's behind their `layers` axis."""
+    def layer(caches: tuple[LayerCache, ...], stacked: bool):
+        lead = (Axis.LAYERS,) if stacked else ()
+        return tuple({name: lead + cache_axes(name, a.ndim - stacked) for name, a in c.items()} for c in caches)
 
-    return Cache(prefix=jax.tree.map(lambda a: axes(a, False), cache.prefix),
-                 unit=jax.tree.map(lambda a: axes(a, True), cache.unit),
-                 suffix=jax.tree.map(lambda a: axes(a, False), cache.suffix),
+    return Cache(prefix=layer(cache.prefix, False), unit=layer(cache.unit, True), suffix=layer(cache.suffix, False),
                  lengths=(Axis.BATCH,), max_len=cache.max_len)
 
 
 def cache_shardings(spec: Cache, mesh, rules=Preset.SERVE) -> Cache:
-    """NamedShardings for a cache on `mesh` (concrete or abstract): rows over the rules' batch axes, replicated
-    when the batch does not divide over them (e.g. a one-row prefill cache); everything else replicated."""
+    """NamedShardings for a cache on `mesh` (concrete or abstract): rows over the rules' batch axes and, for the
+    arrays that grow with max_len, positions over `cache_seq`'s (`context` under `serve`); a dimension that does
+    not divide over its mesh axes (e.g. a one-row prefill cache's batch) stays whole; everything else replicated."""
     rules, shape = get_rules(rules), dict(mesh.shape)
 
     def sharding(axes, leaf):
         spec = logical_to_spec(axes, rules, mesh_shape=shape)
-        batch_dim = axes.index(Axis.BATCH)
-        names = spec[batch_dim] if batch_dim < len(spec) else None
-        names = (names,) if isinstance(names, str) else names or ()
-        if leaf.shape[batch_dim] % math.prod(shape[n] for n in names):
-            spec = logical_to_spec(tuple(None if a == Axis.BATCH else a for a in axes), rules, mesh_shape=shape)
-        return NamedSharding(mesh, spec)
+        for dim, names in enumerate(spec):
+            names = (names,) if isinstance(names, str) else names or ()
+            if leaf.shape[dim] % math.prod(shape[n] for n in names):
+                axes = axes[:dim] + (None,) + axes[dim + 1:]
+        return NamedSharding(mesh, logical_to_spec(axes, rules, mesh_shape=shape))
 
     return jax.tree.map(sharding, _logical_axes(spec), spec, is_leaf=_is_axes)
 

@@ -12,6 +12,7 @@ class Axis(enum.StrEnum):
     BATCH = "batch"
     SEQ = "seq"
     CAPACITY = "capacity"  # slots per expert in the MoE dispatch buffers
+    CACHE_SEQ = "cache_seq"  # the position axis of serving-cache arrays that grow with max_len
     # shared by parameters and activations
     EMBED = "embed"
     VOCAB = "vocab"

@@ -25,7 +25,7 @@ Rules = Mapping[str, tuple[str, ...]]
 class Preset(enum.StrEnum):
     TRAIN = "train"  # fsdp + expert + tensor parallelism, batch over every data-like axis
     LONG = "long"  # train, with the sequence split over `context`
-    SERVE = "serve"  # weights over expert + tensor only (no fsdp gathers in the decode loop)
+    SERVE = "serve"  # weights over expert + tensor only (no fsdp gathers in the decode loop); long caches over context
 
 
 _D, _F, _C, _E, _T = (MeshAxis.DATA, MeshAxis.FSDP, MeshAxis.CONTEXT, MeshAxis.EXPERT, MeshAxis.TENSOR)
@@ -43,7 +43,7 @@ PRESETS: dict[Preset, Rules] = {
     Preset.TRAIN: _TRAIN,
     Preset.LONG: _TRAIN | {Axis.SEQ: (_C,)},
     Preset.SERVE: {Axis.BATCH: (_D,), Axis.VOCAB: (_T,), Axis.HEADS: (_T,), Axis.MLP: (_T,),
-                   Axis.EXPERTS: (_E,)},
+                   Axis.EXPERTS: (_E,), Axis.CACHE_SEQ: (_C,)},
 }
 
 
