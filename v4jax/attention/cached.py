@@ -23,8 +23,13 @@ directly; the output is taken in latent space and mapped up by W_uv, so per-head
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from v4jax.attention.compressed import V4Attention
 from v4jax.attention.compressor import Compressor
@@ -33,7 +38,7 @@ from v4jax.attention.mla import MLA
 from v4jax.config import AttentionKind, ModelConfig
 from v4jax.layers import rope
 from v4jax.layers.linear import read
-from v4jax.sharding import Axis
+from v4jax.sharding import Axis, get_rules, logical_to_spec, mesh_axes
 
 LayerCache = dict[str, jax.Array]
 
@@ -80,6 +85,53 @@ def cache_shapes(cfg: ModelConfig, kind: AttentionKind, batch: int, max_len: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the split: the cache's positions over the `cache_seq` mesh axes
+
+
+class Shard(NamedTuple):
+    """Inside `extend`'s shard_map: which slice of the split arrays this shard holds."""
+
+    axes: tuple[str, ...]  # the mesh axes the positions are split over (manual here)
+    size: int  # c, their product
+    index: jax.Array  # this shard's place along them
+
+    def offset(self, local: int) -> jax.Array:
+        """The global index of this shard's first slot of an array holding `local` slots per shard."""
+        return self.index * local
+
+
+def split_axes() -> tuple[str, ...]:
+    """The mesh axes (not already manual) that the current mesh and rules put `Axis.CACHE_SEQ` on."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    entry = logical_to_spec((Axis.CACHE_SEQ,), get_rules(), mesh_shape=dict(mesh.shape))[0]
+    return tuple(a for a in mesh_axes(entry) if a not in mesh.manual_axes)
+
+
+def is_split(name: str, shape: tuple[int, ...], size: int) -> bool:
+    """Whether cache array `name` of `shape` (no `layers` axis) is split over `size` > 1 shards: an array of
+    SPLIT_LEAVES whose positions divide evenly (`serving.cache.cache_shardings` places them so)."""
+    return size > 1 and name in SPLIT_LEAVES and shape[1] % size == 0
+
+
+def _local(array: jax.Array, shard: Shard | None) -> tuple[jax.Array, int]:
+    """(offset, global length) of a split array's positions: 0 and its own length when whole."""
+    n = array.shape[1]
+    return (0, n) if shard is None else (shard.offset(n), n * shard.size)
+
+
+def _attend(probs: list[jax.Array], values: list[tuple[str, jax.Array]], split: tuple[bool, ...],
+            shard: Shard | None) -> jax.Array:
+    """sum_i probs_i @ values_i, the split parts' products summed over the shards (one psum of the output)."""
+    outs = [jnp.einsum(spec, p.astype(v.dtype), v) for p, (spec, v) in zip(probs, values)]
+    total = sum(o for o, s in zip(outs, split) if not s)
+    if any(split):
+        total = total + jax.lax.psum(sum(o for o, s in zip(outs, split) if s), shard.axes)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the ring (window branch, and all of M)
 
 
@@ -91,24 +143,27 @@ def _real(count: jax.Array, t: int) -> jax.Array:
     return jnp.arange(t)[None] < count[:, None]
 
 
-def ring_keys(ring: jax.Array, new: jax.Array, start: jax.Array, count: jax.Array):
-    """The ring as it was before the chunk, then the chunk: keys [b, N + t, e], their positions [b, N + t] and
-    whether each holds a real token [b, N + t]. Slot j holds the latest position before `start` that is j mod N."""
-    n, t = ring.shape[1], new.shape[1]
+def ring_positions(start: jax.Array, slots: int, offset=0, size: int | None = None):
+    """The position each of `slots` ring slots holds before the chunk [b, slots] and whether it holds a token: slot
+    j (global index offset + j of a ring of `size`, default `slots`) holds the latest position before `start`
+    that is j mod size (negative: none yet)."""
+    size = slots if size is None else size
     last = start[:, None] - 1
-    ring_pos = last - jnp.mod(last - jnp.arange(n)[None], n)
-    keys = jnp.concatenate([ring, new.astype(ring.dtype)], axis=1)
-    positions = jnp.concatenate([ring_pos, _chunk_positions(start, t)], axis=1)
-    return keys, positions, jnp.concatenate([ring_pos >= 0, _real(count, t)], axis=1)
+    positions = last - jnp.mod(last - (offset + jnp.arange(slots))[None], size)
+    return positions, positions >= 0
 
 
-def ring_write(ring: jax.Array, new: jax.Array, start: jax.Array, count: jax.Array) -> jax.Array:
-    """Write the chunk's real tokens at slot position mod N; only the last N of them (the rest would be
-    overwritten within the chunk, and a scatter's order among duplicates is undefined)."""
-    n, t = ring.shape[1], new.shape[1]
+def ring_write(ring: jax.Array, new: jax.Array, start: jax.Array, count: jax.Array, offset=0,
+               size: int | None = None) -> jax.Array:
+    """Write the chunk's real tokens at slot position mod N (N = `size`, default the ring's length; a split ring
+    holds global slots [offset, offset + its length) and drops the rest); only the last N of them (the rest would
+    be overwritten within the chunk, and a scatter's order among duplicates is undefined)."""
+    slots, t = ring.shape[1], new.shape[1]
+    size = slots if size is None else size
     positions = _chunk_positions(start, t)
-    keep = _real(count, t) & (positions >= (start + count)[:, None] - n)
-    slot = jnp.where(keep, jnp.mod(positions, n), n)  # n is out of range: dropped
+    slot = jnp.mod(positions, size) - offset
+    keep = _real(count, t) & (positions >= (start + count)[:, None] - size) & (slot >= 0) & (slot < slots)
+    slot = jnp.where(keep, slot, slots)  # one past the end: dropped (a negative index would wrap)
     return ring.at[jnp.arange(ring.shape[0])[:, None], slot].set(new.astype(ring.dtype), mode="drop")
 
 
@@ -125,36 +180,50 @@ def _key_mask(q_pos, key_pos, key_real, window: int | None) -> jax.Array:
 # MLA (M, S)
 
 
-def mla_extend(attn: MLA, x: jax.Array, cache: LayerCache, start: jax.Array, count: jax.Array):
-    cfg, dtype = attn.cfg, x.dtype
+def mla_extend(attn: MLA, x: jax.Array, cache: LayerCache, start: jax.Array, count: jax.Array,
+               shard: Shard | None = None):
+    """Two softmax parts: the cached ring / latents (split over the shards for M on a split cache), and the
+    chunk's own keys (the same on every shard)."""
+    cfg, dtype, t = attn.cfg, x.dtype, x.shape[1]
     nope, r = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-    q_pos = _chunk_positions(start, x.shape[1])
+    q_pos = _chunk_positions(start, t)
+    name = ring_name(AttentionKind.FULL if attn.window is None else AttentionKind.SLIDING)
+    ring = cache[name]
+    offset, size = _local(ring, shard)
     with jax.named_scope("mla_projections"):
         q, latent, k_rope = attn.project(x, q_pos)
-        new = jnp.concatenate([latent, k_rope], axis=-1)
-        name = ring_name(AttentionKind.FULL if attn.window is None else AttentionKind.SLIDING)
-        keys, key_pos, key_real = ring_keys(cache[name], new, start, count)
+        new = jnp.concatenate([latent, k_rope], axis=-1).astype(ring.dtype)
         w_uk, w_uv = jnp.split(read(attn.wkv_b, dtype), [nope], axis=-1)
         q_latent = jnp.einsum("btnh,rnh->btnr", q[..., :nope], w_uk)
-    with jax.named_scope("mla_absorbed"):
+
+    def part(keys, key_pos, key_real):
         keys = keys.astype(dtype)
         scores = (jnp.einsum("btnr,bsr->bnts", q_latent, keys[..., :r], preferred_element_type=jnp.float32)
                   + jnp.einsum("btnp,bsp->bnts", q[..., nope:], keys[..., r:], preferred_element_type=jnp.float32))
-        (probs,) = softmax_parts([(scores * attn.scale, _key_mask(q_pos, key_pos, key_real, attn.window))])
-        out_latent = jnp.einsum("bnts,bsr->btnr", probs.astype(dtype), keys[..., :r])
+        return (scores * attn.scale, _key_mask(q_pos, key_pos, key_real, attn.window)), ("bnts,bsr->btnr",
+                                                                                           keys[..., :r])
+
+    with jax.named_scope("mla_absorbed"):
+        cached, cached_values = part(ring, *ring_positions(start, ring.shape[1], offset, size))
+        chunk, chunk_values = part(new, q_pos, _real(count, t))
+        split = (shard is not None, False)
+        probs = softmax_parts([cached, chunk], split=split, axes=shard.axes if shard else ())
+        out_latent = _attend(probs, [cached_values, chunk_values], split, shard)
         out = jnp.einsum("btnr,rnv->btnv", out_latent, w_uv)
     with jax.named_scope("mla_output"):
         y = jnp.einsum("btnv,nvd->btd", out, read(attn.wo, dtype))
-    return y, {name: ring_write(cache[name], new, start, count)}
+    return y, {name: ring_write(ring, new, start, count, offset, size)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # compressors: the pending block and completed entries
 
 
-def compress_extend(compressor: Compressor, x, entries, state_kv, state_gate, start, count, rotate):
+def compress_extend(compressor: Compressor, x, entries, state_kv, state_gate, start, count, rotate, held_from=0):
     """Feed the chunk into a compressor: entries of blocks completed by it are pooled, rotated (`rotate(entries,
     block start positions)`) and written; the pending state moves on. Returns (entries, state_kv, state_gate).
+    Split entries hold global indices [held_from, held_from + their length): a shard writes the completed entries it
+    holds and drops the others (the pending state is whole, the same on every shard).
 
     Each row's state and chunk are laid out as one stream aligned to block boundaries: [previous block (overlap
     only) | unfinished block | ...], the chunk placed at the unfinished block's fill point. Candidate blocks are
@@ -182,7 +251,8 @@ def compress_extend(compressor: Compressor, x, entries, state_kv, state_gate, st
     pooled, block = pooled[:, first // m:first // m + candidates], block[:, first // m:first // m + candidates]
     pooled = rotate(pooled, block * m).astype(entries.dtype)
     complete = (jnp.arange(candidates)[None] + 1) * m <= (offset + count)[:, None]
-    index = jnp.where(complete, block, entries.shape[1])
+    index = block - held_from
+    index = jnp.where(complete & (index >= 0) & (index < entries.shape[1]), index, entries.shape[1])  # or dropped
     entries = entries.at[jnp.arange(entries.shape[0])[:, None], index].set(pooled, mode="drop")
 
     fill = (offset + count) // m * m  # the stream block holding the row's next position, as a slot offset
@@ -194,40 +264,52 @@ def compress_extend(compressor: Compressor, x, entries, state_kv, state_gate, st
 # V4 (W, C, H)
 
 
-def v4_extend(attn: V4Attention, x: jax.Array, cache: LayerCache, start: jax.Array, count: jax.Array):
-    cfg, dtype = attn.cfg, x.dtype
-    q_pos = _chunk_positions(start, x.shape[1])
+def v4_extend(attn: V4Attention, x: jax.Array, cache: LayerCache, start: jax.Array, count: jax.Array,
+              shard: Shard | None = None):
+    """Softmax parts: the window ring and the chunk's own entries (whole), then the compressed entries (split
+    over the shards on a split cache); the sinks count once."""
+    cfg, dtype, t = attn.cfg, x.dtype, x.shape[1]
+    q_pos = _chunk_positions(start, t)
     cos, sin = attn.rope_tables(q_pos)
     q_latent, q, kv = attn.project(x, cos, sin)
-    with jax.named_scope("v4_window"):
-        keys, key_pos, key_real = ring_keys(cache["ring"], kv, start, count)
-        keys = keys.astype(dtype)
+    ring = cache["ring"]
+
+    def part(keys, key_pos, key_real):
+        keys = keys.astype(ring.dtype).astype(dtype)
         scores = jnp.einsum("btnc,bsc->bnts", q, keys, preferred_element_type=jnp.float32) * attn.scale
-        parts = [(scores, _key_mask(q_pos, key_pos, key_real, cfg.sliding_window))]
-        values = [("bnts,bsc->btnc", keys)]
-    new_cache = {"ring": ring_write(cache["ring"], kv, start, count)}
+        return (scores, _key_mask(q_pos, key_pos, key_real, cfg.sliding_window)), ("bnts,bsc->btnc", keys)
+
+    with jax.named_scope("v4_window"):
+        (ring_part, ring_values), (chunk_part, chunk_values) = (part(ring, *ring_positions(start, ring.shape[1])),
+                                                                part(kv, q_pos, _real(count, t)))
+        parts, values = [ring_part, chunk_part], [ring_values, chunk_values]
+    new_cache = {"ring": ring_write(ring, kv, start, count)}
     if "entries" in cache:
-        part, value, compressed = _compressed_part(attn, x, q, q_latent, q_pos, cache, start, count)
+        part, value, compressed = _compressed_part(attn, x, q, q_latent, q_pos, cache, start, count, shard)
         parts.append(part)
         values.append(value)
         new_cache |= compressed
+    split = (False, False, shard is not None)[:len(parts)]
     with jax.named_scope("v4_kernel"):
-        probs = softmax_parts(parts, attn.sinks[...].astype(jnp.float32))
-        out = sum(jnp.einsum(spec, p.astype(dtype), v) for p, (spec, v) in zip(probs, values))
+        probs = softmax_parts(parts, attn.sinks[...].astype(jnp.float32), split, shard.axes if shard else ())
+        out = _attend(probs, values, split, shard)
     return attn.output(out, cos, sin), new_cache
 
 
-def _compressed_part(attn: V4Attention, x, q, q_latent, q_pos, cache, start, count):
+def _compressed_part(attn: V4Attention, x, q, q_latent, q_pos, cache, start, count, shard: Shard | None):
     """Scores of the chunk's queries against the compressed entries they may see (all visible ones for H, the
-    indexer's top-k for C), with the value einsum and the updated compressor caches."""
+    indexer's top-k for C), with the value einsum and the updated compressor caches. On a split cache, this
+    shard's entries only (C: those of the global top-k it holds)."""
     def rotate(values, positions):
         return rope.rotate_tail(values, *attn.rope_tables(positions))
 
+    offset, _ = _local(cache["entries"], shard)
     with jax.named_scope("v4_compressor"):
         entries, state_kv, state_gate = compress_extend(attn.compressor, x, cache["entries"], cache["state_kv"],
-                                                        cache["state_gate"], start, count, rotate)
+                                                        cache["state_gate"], start, count, rotate, offset)
     updated = {"entries": entries, "state_kv": state_kv, "state_gate": state_gate}
-    visible = jnp.arange(entries.shape[1])[None, None] < ((q_pos + 1) // attn.ratio)[..., None]  # [b, t, w]
+    complete = ((q_pos + 1) // attn.ratio)[..., None]  # [b, t, 1]: entries (global index) each query sees
+    visible = (offset + jnp.arange(entries.shape[1]))[None, None] < complete  # [b, t, w]
     entries = entries.astype(q.dtype)
     if attn.indexer is None:
         scores = jnp.einsum("btnc,bwc->bntw", q, entries, preferred_element_type=jnp.float32)
@@ -236,19 +318,50 @@ def _compressed_part(attn: V4Attention, x, q, q_latent, q_pos, cache, start, cou
         indexer = attn.indexer
         index_keys, index_kv, index_gate = compress_extend(indexer.compressor, x, cache["index_keys"],
                                                            cache["index_state_kv"], cache["index_state_gate"],
-                                                           start, count, rotate)
+                                                           start, count, rotate, offset)
         updated |= {"index_keys": index_keys, "index_state_kv": index_kv, "index_state_gate": index_gate}
         selection = indexer.select(x, q_latent, q_pos, attn.rope_tables, index_keys.astype(jnp.float32))
         scores = jnp.where(visible, selection.scores(selection.queries, selection.weights), -jnp.inf)
-        _, chosen = jax.lax.top_k(scores, min(selection.topk, entries.shape[1]))
-        real = jnp.take_along_axis(visible, chosen, axis=-1)
-        gathered = jax.vmap(lambda e, index: e[index])(entries, chosen)  # [b, t, k, c]
+        chosen = _top_k(scores, selection.topk, offset, shard)  # global indices [b, t, k]
+        held = chosen - offset
+        mine = (held >= 0) & (held < entries.shape[1])
+        real = (chosen < complete) & mine
+        gathered = jax.vmap(lambda e, index: e[index])(entries, jnp.where(mine, held, 0))  # [b, t, k, c]
     scores = jnp.einsum("btnc,btkc->bntk", q, gathered, preferred_element_type=jnp.float32)
     return (scores * attn.scale, real[:, None]), ("bntk,btkc->btnc", gathered), updated
 
 
+def _top_k(scores: jax.Array, topk: int, offset, shard: Shard | None) -> jax.Array:
+    """The global indices [b, t, k] of the top min(topk, entries) scores of [b, t, w], ties to the lower index (as
+    `lax.top_k`). Split: each shard's own top-k candidates, gathered in shard order (so ties still resolve to
+    the lower global index), then the top-k of those; only the [b, t, c * k] candidate lists move."""
+    if shard is None:
+        return jax.lax.top_k(scores, min(topk, scores.shape[-1]))[1]
+    local, index = jax.lax.top_k(scores, min(topk, scores.shape[-1]))
+    local, index = (jax.lax.all_gather(a, shard.axes, axis=-1, tiled=True) for a in (local, index + offset))
+    pick = jax.lax.top_k(local, min(topk, scores.shape[-1] * shard.size))[1]
+    return jnp.take_along_axis(index, pick, axis=-1)
+
+
 def extend(attn, x: jax.Array, cache: LayerCache, start: jax.Array, count: jax.Array):
-    """Any attention kind: x [b, t, d] -> (y [b, t, d], the layer's updated cache)."""
-    if isinstance(attn, MLA):
-        return mla_extend(attn, x, cache, start, count)
-    return v4_extend(attn, x, cache, start, count)
+    """Any attention kind: x [b, t, d] -> (y [b, t, d], the layer's updated cache). When the current mesh and
+    rules split this layer's cache along positions (`is_split`), it runs inside a shard_map manual over those
+    mesh axes only (the others stay with GSPMD): the split arrays stay where they are, everything else is whole
+    on every shard, and the shards merge their softmax parts exactly (`kernels.softmax_parts`)."""
+    body = mla_extend if isinstance(attn, MLA) else v4_extend
+    axes = split_axes()
+    size = math.prod(dict(jax.sharding.get_abstract_mesh().shape)[a] for a in axes)
+    split = {name for name, leaf in cache.items() if is_split(name, leaf.shape, size)}
+    if not split:
+        return body(attn, x, cache, start, count)
+    graphdef, state = nnx.split(attn)
+
+    def run(state, x, cache, start, count):
+        return body(nnx.merge(graphdef, state), x, cache, start, count,
+                    Shard(axes, size, jax.lax.axis_index(axes)))
+
+    specs = {name: P(None, axes) if name in split else P() for name in cache}
+    fn = jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), P(), specs, P(), P()),
+                       out_specs=(P(), specs), axis_names=set(axes), check_vma=False)
+    with jax.named_scope("context_extend"):
+        return fn(state, x, cache, start, count)

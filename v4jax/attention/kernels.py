@@ -220,16 +220,28 @@ def _topk_entries(compressed: Compressed, visible, queries, weights):
     return index, jnp.take_along_axis(visible, index, axis=-1)
 
 
-def softmax_parts(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None = None) -> list[jax.Array]:
+def softmax_parts(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None = None,
+                  split: tuple[bool, ...] | None = None, axes: tuple[str, ...] = ()) -> list[jax.Array]:
     """Softmax over the concatenation of several (scores [b, n, t, *], mask) parts, optionally with one sink logit
     per head in the denominator (its probability dropped). Scores are float32 and already scaled; the sink is not
-    scaled. A row with nothing visible and no sink (a padding query in serving) gets zeros, not NaN."""
+    scaled. A row with nothing visible and no sink (a padding query in serving) gets zeros, not NaN.
+
+    Inside a shard_map manual over mesh `axes`, a part flagged in `split` holds only this shard's keys (the other
+    shards hold the rest; unflagged parts and the sinks are the same on every shard). The row max is then taken
+    over all shards (pmax) and the split parts' sums are added up over them (psum) before the unflagged parts'
+    and the sink's, which count once: every probability returned is the one the unsplit softmax gives, and the
+    caller sums the split parts' value products over `axes` (flash-decoding). Only [b, n, t] statistics move."""
+    split = split or (False,) * len(parts)
     masked = [jnp.where(mask, scores, _NEG) for scores, mask in parts]
     top = _row_max(masked)
+    if any(split):
+        top = jax.lax.pmax(top, axes)
     if sinks is not None:
         top = jnp.maximum(top, sinks[None, :, None])
     exps = [jnp.where(mask, jnp.exp(s - top[..., None]), 0.0) for s, (_, mask) in zip(masked, parts)]
-    denominator = sum(e.sum(-1) for e in exps)
+    denominator = sum(e.sum(-1) for e, s in zip(exps, split) if not s)
+    if any(split):
+        denominator = denominator + jax.lax.psum(sum(e.sum(-1) for e, s in zip(exps, split) if s), axes)
     if sinks is not None:
         denominator = denominator + jnp.exp(sinks[None, :, None] - top)
     denominator = jnp.where(denominator > 0, denominator, 1.0)
