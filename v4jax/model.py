@@ -118,11 +118,17 @@ class Block(nnx.Module):
         with jax.named_scope("mlp"):
             return self.residual(x, self.mlp_hc, lambda h: self.feed_forward(self.mlp_norm(h), tokens))
 
-    def extend(self, x, cache, start, count, tokens):
-        """The block over a chunk of new tokens with the layer's attention cache (serving): -> (x, cache)."""
+    def extend(self, x, cache, start, count, tokens, fresh: bool = False):
+        """The block over a chunk of new tokens with the layer's attention cache (serving): -> (x, cache).
+        `fresh`: every row's cache is empty (start = 0), so a prompt can be prefilled with its sequence split over
+        `context` (`context.prefill`)."""
+        def attend(h):
+            if fresh:
+                return context.prefill(self.attn, h, cache, count)
+            return cached_attention.extend(self.attn, h, cache, start, count)
+
         with jax.named_scope("attention"):
-            x, cache = self.residual(x, self.attn_hc, lambda h: cached_attention.extend(
-                self.attn, self.attn_norm(h), cache, start, count))
+            x, cache = self.residual(x, self.attn_hc, lambda h: attend(self.attn_norm(h)))
         with jax.named_scope("mlp"):
             x, _ = self.residual(x, self.mlp_hc, lambda h: self.feed_forward(self.mlp_norm(h), tokens))
         return x, cache
@@ -262,10 +268,11 @@ class Transformer(nnx.Module):
             a2a_bytes=jnp.stack([s["a2a_bytes"] for s in moe]) if moe else None,
         )
 
-    def extend(self, tokens, caches, start, count):
+    def extend(self, tokens, caches, start, count, *, last: jax.Array | None = None, fresh: bool = False):
         """Serving: append a chunk tokens int [b, t] to per-row caches, (prefix, unit, suffix) tuples of layer
         caches (the unit's stacked over repeats), where row b holds start[b] tokens and count[b] of its chunk are
-        real. Returns (logits float32 [b, t, v], caches). The MTP block is not run."""
+        real. Returns (logits float32 [b, t, v], caches); with `last` int [b], only the logits at chunk position
+        last[b] ([b, 1, v]: a prefill needs no others). `fresh` as in `Block.extend`. The MTP block is not run."""
         dtype = jnp.dtype(self.cfg.dtype)
         x = constrain(self.embed(tokens, dtype), ACTIVATION)
         if self.cfg.hc_mult > 1:
@@ -274,7 +281,7 @@ class Transformer(nnx.Module):
         def unrolled(blocks, layer_caches, x):
             updated = []
             for block, cache in zip(blocks, layer_caches):
-                x, cache = block.extend(x, cache, start, count, tokens)
+                x, cache = block.extend(x, cache, start, count, tokens, fresh)
                 updated.append(cache)
             return x, tuple(updated)
 
@@ -292,6 +299,8 @@ class Transformer(nnx.Module):
                 x, unit_caches = jax.lax.scan(body, x, (stacked, unit_caches))
         with jax.named_scope("suffix"):
             x, suffix_caches = unrolled(self.suffix, suffix_caches, x)
+        if last is not None:
+            x = jax.vmap(lambda row, at: jax.lax.dynamic_slice_in_dim(row, at, 1))(x, last)
         logits = self.logits(self.norm(x if self.hc_head is None else self.hc_head(x)))
         return logits, (prefix_caches, unit_caches, suffix_caches)
 

@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from v4jax import model
-from v4jax.config import ModelConfig
+from v4jax.config import AttentionKind, ModelConfig
 from v4jax.serving.cache import Cache, cache_shardings
-from v4jax.sharding import Preset, use_rules
+from v4jax.sharding import Axis, Preset, logical_to_spec, mesh_axes, mesh_rules, use_rules
 
 
 def _constrain_cache(cache: Cache) -> Cache:
@@ -31,13 +31,16 @@ def _constrain_cache(cache: Cache) -> Cache:
     return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cache, mesh))
 
 
-def _extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens: jax.Array, counts: jax.Array):
-    with use_rules(Preset.SERVE):
+def _extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens: jax.Array, counts: jax.Array, *,
+            last=None, fresh: bool = False):
+    # A fresh prefill may split its sequence over `context` (the long rules' seq axis); decode keeps it whole.
+    rules = mesh_rules(jax.sharding.get_abstract_mesh(), Preset.SERVE) if fresh else Preset.SERVE
+    with use_rules(rules):
         transformer = nnx.merge(model.graphdef(cfg), params)
-        logits, layers = transformer.extend(tokens, cache.layers, cache.lengths, counts)
+        logits, layers = transformer.extend(tokens, cache.layers, cache.lengths, counts, last=last, fresh=fresh)
         prefix, unit, suffix = layers
         updated = cache.replace(prefix=prefix, unit=unit, suffix=suffix, lengths=cache.lengths + counts)
-        return logits, _constrain_cache(updated)
+    return logits, _constrain_cache(updated)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -45,12 +48,11 @@ def _extend_jit(cfg, params, cache, tokens, counts):
     return _extend(cfg, params, cache, tokens, counts)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(cfg, params, cache, tokens, counts):
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+def _prefill_chunk(cfg, params, cache, tokens, counts, fresh=False):
     """One prefill chunk: each row's logits at its last real token of the chunk [b, v], and the cache."""
-    logits, cache = _extend(cfg, params, cache, tokens, counts)
-    at = jnp.clip(counts - 1, 0)[:, None, None]
-    return jnp.take_along_axis(logits, at, axis=1)[:, 0], cache
+    logits, cache = _extend(cfg, params, cache, tokens, counts, last=jnp.clip(counts - 1, 0), fresh=fresh)
+    return logits[:, 0], cache
 
 
 def extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts) -> tuple[jax.Array, Cache]:
@@ -76,7 +78,15 @@ def prefill(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts, c
         row = int(np.argmax(counts > room))
         raise ValueError(f"row {row}: {counts[row]} prompt tokens do not fit the cache ({room[row]} of "
                          f"{cache.max_len} positions left)")
-    chunks = max(1, math.ceil(int(counts.max(initial=0)) / chunk))
+    shards = context_shards()
+    longest = int(counts.max(initial=0))
+    if shards > 1 and longest > chunk and not np.asarray(cache.lengths).any():
+        # Empty rows and a prompt longer than a chunk: one pass with the sequence split over `context`.
+        length = split_prefill_length(cfg, longest, shards, chunk)
+        padded = np.zeros((tokens.shape[0], length), np.int32)
+        padded[:, :min(tokens.shape[1], length)] = tokens[:, :length]
+        return _prefill_chunk(cfg, params, cache, padded, counts, True)
+    chunks = max(1, math.ceil(longest / chunk))
     padded = np.zeros((tokens.shape[0], chunks * chunk), np.int32)
     width = min(tokens.shape[1], chunks * chunk)
     padded[:, :width] = tokens[:, :width]
@@ -86,6 +96,27 @@ def prefill(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts, c
         chunk_last, cache = _prefill_chunk(cfg, params, cache, padded[:, i * chunk:(i + 1) * chunk], chunk_counts)
         last = chunk_last if last is None else jnp.where((chunk_counts > 0)[:, None], chunk_last, last)
     return last, cache
+
+
+def context_shards() -> int:
+    """How many ways a fresh prefill splits its sequence under the current mesh (1: not at all)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    shape = dict(mesh.shape)
+    spec = logical_to_spec((Axis.SEQ,), mesh_rules(mesh, Preset.SERVE), mesh_shape=shape)
+    return math.prod(shape[a] for a in mesh_axes(spec[0]))
+
+
+def split_prefill_length(cfg: ModelConfig, tokens: int, shards: int, chunk: int) -> int:
+    """The padded length of a split prefill of `tokens` tokens: every shard holds whole compressed blocks, an even
+    count (M's zig-zag halves) and at least a window's halo; a multiple of `chunk`, so prompt lengths share
+    compiled programs in steps of `chunk`."""
+    kinds = {spec.attention for spec in cfg.layers}
+    per_shard = math.lcm(2, *[cfg.compress_ratio(kind) for kind in kinds if cfg.compress_ratio(kind)])
+    halo = cfg.sliding_window - 1 if kinds - {AttentionKind.FULL} else 0
+    step = math.lcm(shards * per_shard, chunk)
+    return math.ceil(max(tokens, shards * halo) / step) * step
 
 
 def decode_step(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, active) -> tuple[jax.Array, Cache]:
