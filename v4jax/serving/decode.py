@@ -3,6 +3,8 @@
 Both are one jitted function, `extend`: a chunk of tokens per row appended after the row's cached tokens (its own
 position), attending through the cache (`attention/cached.py`). Prefill runs fixed-size chunks (a long prompt is
 several calls of one compiled shape, so new prompt lengths never recompile); a decode step is a chunk of one token.
+On a mesh with `context` > 1, a prompt longer than one chunk into empty rows is instead one call with its sequence
+split over `context` (`attention/context.py`'s `prefill`), padded to `split_prefill_length`.
 The cache argument is donated. Traced under the `serve` sharding rules: on a mesh, rows follow the cache's
 sharding and weights stay where `model.init(..., rules="serve")` put them.
 """
@@ -62,7 +64,8 @@ def extend(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts) ->
 
 
 def prefill(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts, chunk: int = 256):
-    """Append right-padded prompts tokens int [b, T] with counts[b] real tokens each, in chunks of `chunk`.
+    """Append right-padded prompts tokens int [b, T] with counts[b] real tokens each, in chunks of `chunk` (or, on
+    a mesh with `context` > 1, into empty rows and longer than a chunk: in one pass split over `context`).
     Returns each row's logits at its last real token, float32 [b, vocab] (undefined where counts == 0), and the
     cache. ValueError if a row would exceed the cache."""
     tokens, counts = np.asarray(tokens, np.int32), np.asarray(counts, np.int32)

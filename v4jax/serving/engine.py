@@ -9,7 +9,9 @@ free row. Each engine step then runs one `decode_step` over all rows (`active` m
 left untouched) and the batched sampler, so each busy row gets its next token with its own settings and PRNG stream
 (`sampling.sample`). A request leaves its row when it samples a stop token, reaches `max_tokens`, is cancelled, or
 its row is full; the row takes the next waiting request at the next step. No shape depends on a request, so after
-`warmup` nothing compiles again (checked in tests/test_engine.py by counting XLA compilations).
+`warmup` nothing compiles again (checked in tests/test_engine.py by counting XLA compilations). The exception is a
+mesh with `context` > 1: a prompt longer than one chunk is prefilled in one pass with its sequence split over
+`context` (`decode.prefill`), one compiled program per padded length (a multiple of the chunk).
 
 Threads. `step()` does all the device work and must be called from one thread at a time: either drive the engine
 yourself (`run_until_idle`, as `generate` does) or `start()` a background thread that steps whenever there is
@@ -154,7 +156,9 @@ class Engine:
       max_len: tokens per row (prompt + generated); default `cfg.max_position_embeddings`; rounded up to a
         multiple of the prefill chunk.
       chunk: prefill chunk length (at most max_len).
-      mesh: run under this mesh (params sharded on it); None: the default device.
+      mesh: run under this mesh (params sharded on it, e.g. `model.place(params, mesh, "serve")`); None: the
+        default device. With `context` > 1, long prompts prefill split over it and the long cache arrays are
+        split along positions.
       warmup: compile the three programs now (otherwise on first use).
     """
 
