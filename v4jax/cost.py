@@ -380,6 +380,36 @@ def context_bytes(cfg: ModelConfig, kind: AttentionKind, seq: int, shards: int, 
     return total
 
 
+def decode_context_bytes(cfg: ModelConfig, kind: AttentionKind, shards: int, batch: int = 1, chunk: int = 1,
+                         value_bytes: int = 2, max_len: int | None = None) -> int:
+    """Bytes one attention layer's `cached.extend` (a decode step, chunk = 1, or a prefill chunk) delivers to one
+    device when the serving cache's positions are split over `shards` context shards (flash-decoding; counted as
+    `context_bytes` and `hlo.received_bytes` count, an all-reduce as a ring: 2 (g - 1) / g of its buffer). The
+    chunk is whole on every shard; with b rows, t = chunk tokens and n heads:
+
+      S, W   nothing: the window ring is whole;
+      M      all-reduces of the row max (pmax) and the softmax denominator (psum), float32 [b, n, t] each, and of
+             the latent-space output [b, t, n, r];
+      C, H   the same with the output [b, t, n, c]; C also all-gathers each shard's top-k candidates (float32
+             index score and int32 entry index per query) from the others: (shards - 1) x b x t x k' x 8 bytes,
+             k' = min(top-k, entries per shard) (per shard: max_len / m / shards; None: at least the top-k).
+
+    Assumes the layer's split arrays divide evenly (else `serving.cache` keeps them whole and nothing moves)."""
+    if shards == 1 or kind in (AttentionKind.SLIDING, AttentionKind.WINDOW):
+        return 0
+    b, t, n = batch, chunk, cfg.num_attention_heads
+    width = cfg.kv_lora_rank if kind is AttentionKind.FULL else cfg.head_dim
+
+    def all_reduce(nbytes: int) -> int:
+        return 2 * nbytes * (shards - 1) // shards
+
+    total = 2 * all_reduce(b * n * t * 4) + all_reduce(b * t * n * width * value_bytes)
+    if kind is AttentionKind.CSA:
+        local = cfg.index_topk if max_len is None else max_len // cfg.csa_compress_ratio // shards
+        total += (shards - 1) * b * t * min(cfg.index_topk, local) * (4 + 4)  # float32 score, int32 index
+    return total
+
+
 def other_flops(cfg: ModelConfig) -> int:
     """The output head and, with hc_mult > 1, the mHC mixing: per site the fn projection and collapse / expand."""
     d, hc = cfg.hidden_size, cfg.hc_mult
@@ -503,5 +533,11 @@ def _si(x: float, unit: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(report(preset(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 4096,
-                 context_shards=int(sys.argv[3]) if len(sys.argv) > 3 else 1))
+    _cfg, _context = preset(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+    _shards = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    print(report(_cfg, _context, context_shards=_shards))
+    if _shards > 1:  # serving with the cache split the same way: what one decode step moves (bf16, one row)
+        _kinds = dict.fromkeys(s.attention for s in _cfg.layers)
+        print("decode step, cache split over context: " + ", ".join(
+            f"{k.value} {_si(decode_context_bytes(_cfg, k, _shards, max_len=_context), 'B')}" for k in _kinds)
+            + " per layer, per device, one row")

@@ -19,6 +19,22 @@ What a layer caches (`cache_shapes`; cost.py predicts these bytes exactly, with 
                             (S = 2m, previous first).
 MLA decodes absorbed: queries are mapped into the latent space (q_nope . W_uk) and score the cached latents
 directly; the output is taken in latent space and mapped up by W_uv, so per-head keys and values never exist.
+Every kind attends over softmax parts: what was cached before the chunk (ring, latents, entries) and the chunk's
+own keys, so the cache is never copied into one concatenated key array.
+
+A split cache (flash-decoding over `context`): when the current mesh and rules put `cache_seq` on mesh axes of
+product c > 1 (`serve` on a mesh with `context` > 1), the SPLIT_LEAVES arrays whose positions divide by c
+(`is_split`: where `serving.cache.cache_shardings` splits them) hold, on shard i, global slots
+[i L/c, (i+1) L/c) (entries and index keys: [i w/c, (i+1) w/c)). `extend` then runs in a shard_map manual over
+those axes only (`Shard`); the chunk, rings and compressor states are whole and computed alike on every shard.
+Each shard scores the chunk's queries against its own slice (a split softmax part) and against the whole parts
+(the chunk's keys, the window ring; the sinks once); `kernels.softmax_parts` takes the row max over the shards
+(pmax) and sums the split parts' denominators (psum), and the split parts' value products are summed (psum), so
+the result is the unsplit one up to float32 summation order. C's top-k: each shard's local top-k candidates are
+all-gathered in shard order (ties go to the lower global index, as one `lax.top_k`) and the top-k of those is
+chosen; each shard attends to the chosen entries it holds. A new token or completed entry is written only by the
+shard holding its slot. Per layer this moves [b, n, t] maxima and sums, the [b, t, n, r or c] output and C's
+[b, t, c k] candidates (`cost.decode_context_bytes`), never a cache array.
 """
 
 from __future__ import annotations
@@ -115,7 +131,7 @@ def is_split(name: str, shape: tuple[int, ...], size: int) -> bool:
     return size > 1 and name in SPLIT_LEAVES and shape[1] % size == 0
 
 
-def _local(array: jax.Array, shard: Shard | None) -> tuple[jax.Array, int]:
+def _local(array: jax.Array, shard: Shard | None) -> tuple[jax.Array | int, int]:
     """(offset, global length) of a split array's positions: 0 and its own length when whole."""
     n = array.shape[1]
     return (0, n) if shard is None else (shard.offset(n), n * shard.size)
@@ -361,6 +377,8 @@ def extend(attn, x: jax.Array, cache: LayerCache, start: jax.Array, count: jax.A
                     Shard(axes, size, jax.lax.axis_index(axes)))
 
     specs = {name: P(None, axes) if name in split else P() for name in cache}
+    # y and the whole arrays are the same on every shard (computed alike, or after the psums), which the
+    # varying-axes check cannot see: it is off, as in `attention.context`.
     fn = jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), P(), specs, P(), P()),
                        out_specs=(P(), specs), axis_names=set(axes), check_vma=False)
     with jax.named_scope("context_extend"):
