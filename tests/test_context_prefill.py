@@ -6,16 +6,21 @@ whose windows, compressed blocks and CSA overlaps straddle shard boundaries."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from test_decode import scaled_params
 
-from v4jax import config, model
+from v4jax import attention, config, cost, hlo, model
+from v4jax.attention import cached, context
+from v4jax.config import AttentionKind
 from v4jax.serving import cache as cache_lib
 from v4jax.serving import decode
 from v4jax.serving.engine import Engine
 from v4jax.serving.sampling import SamplingParams
-from v4jax.sharding import make_mesh, state_shardings
+from v4jax.sharding import make_mesh, mesh_rules, state_shardings, use_rules
 
 COUNTS = np.array([37, 29])  # real prompt tokens per row: padded to 64, so rows end inside different shards
 STEPS = 20  # decode steps after the prompt: past a window (8), a CSA block (4) and an HCA block (16)
@@ -108,3 +113,36 @@ def test_engine_on_a_context_mesh_gives_the_single_device_tokens():
     alone = generate(None)
     assert generate(make_mesh(context=4)) == alone
     assert all(len(t) == 6 for t in alone)
+
+
+@pytest.mark.parametrize("kind", list(AttentionKind), ids=lambda k: k.value)
+@pytest.mark.parametrize("c", [2, 4])
+def test_layer_prefill_bytes_match_cost_model(kind, c):
+    """One layer's split prefill compiles to the forward's collectives plus the all-reduces that assemble the
+    whole cache arrays: exactly `cost.prefill_context_bytes` for the busiest device, and nothing else moves."""
+    cfg = config.preset("tiny-v4" if kind in (AttentionKind.WINDOW, AttentionKind.CSA, AttentionKind.HCA)
+                        else "tiny-hybrid")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: attention.make(cfg, kind, nnx.Rngs(0))))
+    length, batch = 64, 2
+    cache = cached.cache_shapes(cfg, kind, batch, MAX_LEN, "float32")
+    mesh = make_mesh(context=c)
+
+    def fill(state, x, cache, count):
+        return context.prefill(nnx.merge(graphdef, state), x, cache, count)
+
+    def placed(name, leaf):
+        split = cached.is_split(name, leaf.shape, c)
+        return NamedSharding(mesh, P(None, "context") if split else P())
+
+    x = jax.ShapeDtypeStruct((batch, length, cfg.hidden_size), jnp.float32)
+    count = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "context")),
+                 {name: placed(name, leaf) for name, leaf in cache.items()}, NamedSharding(mesh, P()))
+    with use_rules(mesh_rules(mesh, "serve")), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        text = jax.jit(fill, in_shardings=shardings).lower(state, x, cache, count).compile().as_text()
+    ops = {op.op for op in hlo.collectives(text)}
+    assert ops <= {"collective-permute", "all-gather", "all-reduce"}, ops
+    want = cost.prefill_context_bytes(cfg, kind, length, c, MAX_LEN, batch=batch, value_bytes=4)
+    assert hlo.received_bytes(text) == want
+    forward = cost.context_bytes(cfg, kind, length, c, batch=batch, value_bytes=4)
+    assert want == forward if kind is AttentionKind.FULL else want > forward  # M's cache is sliced, not summed

@@ -380,6 +380,37 @@ def context_bytes(cfg: ModelConfig, kind: AttentionKind, seq: int, shards: int, 
     return total
 
 
+def prefill_context_bytes(cfg: ModelConfig, kind: AttentionKind, seq: int, shards: int, max_len: int,
+                          batch: int = 1, value_bytes: int = 2) -> int:
+    """Bytes one attention layer delivers to one device in a prefill of `seq` tokens split over `shards` context
+    shards into an empty cache of `max_len` (`attention.context.prefill`): the forward's `context_bytes`, plus
+    the all-reduces (a ring: 2 (g - 1) / g of the buffer) that assemble the whole arrays of the cache from each
+    shard's disjoint writes: the window ring [b, min(max_len, window), e] in the cache dtype and, for C and H,
+    the compressors' float32 pending projections and gates [b, slots, parts x width] (C: the indexer's too). M's
+    latents and the C/H entries are sliced from what the forward gathered: nothing more moves. A prompt is one
+    document per row, so H's entry segments are constants that XLA does not gather (C's are not: the overlap of
+    shard 0's first block is marked invalid)."""
+    if shards == 1:
+        return 0
+    total = context_bytes(cfg, kind, seq, shards, batch, value_bytes)
+    if kind is AttentionKind.HCA:
+        total -= (shards - 1) * batch * (seq // shards) // cfg.hca_compress_ratio * SEGMENT_BYTES
+
+    def all_reduce(nbytes: int) -> int:
+        return 2 * nbytes * (shards - 1) // shards
+
+    if kind in _WINDOWED:
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim if kind in _MLA else cfg.head_dim
+        total += all_reduce(batch * min(max_len, cfg.sliding_window) * width * value_bytes)
+    ratio = cfg.compress_ratio(kind)
+    if ratio and max_len >= ratio:
+        csa = kind is AttentionKind.CSA
+        slots, parts = (2 * ratio, 2) if csa else (ratio, 1)
+        widths = [cfg.head_dim] + ([cfg.index_head_dim] if csa else [])
+        total += sum(2 * all_reduce(batch * slots * parts * width * 4) for width in widths)  # kv and gate
+    return total
+
+
 def decode_context_bytes(cfg: ModelConfig, kind: AttentionKind, shards: int, batch: int = 1, chunk: int = 1,
                          value_bytes: int = 2, max_len: int | None = None) -> int:
     """Bytes one attention layer's `cached.extend` (a decode step, chunk = 1, or a prefill chunk) delivers to one

@@ -133,14 +133,10 @@ def prefill(module: nnx.Module, x: jax.Array, cache: LayerCache, count: jax.Arra
 
 
 def _split_leaves(cache: LayerCache, sp: Split) -> frozenset[str]:
-    """The cache arrays the serve rules split along positions over the same axes as the sequence (as
-    `serving.cache.cache_shardings` places them: only where the length divides)."""
-    shape = dict(sp.mesh.shape)
-    axes = tuple(mesh_axes(logical_to_spec((Axis.CACHE_SEQ,), get_rules(), mesh_shape=shape)[0]))
-    if axes != sp.axes:
+    """The cache arrays split along positions (`cached.is_split`) over the same axes as the sequence."""
+    if cached.split_axes() != sp.axes:
         return frozenset()
-    return frozenset(name for name, leaf in cache.items()
-                     if name in cached.SPLIT_LEAVES and leaf.shape[1] % sp.size == 0)
+    return frozenset(name for name, leaf in cache.items() if cached.is_split(name, leaf.shape, sp.size))
 
 
 def _body(module: nnx.Module, t: int, sp: Split):
