@@ -8,6 +8,12 @@ either is NaN/Inf is remembered, and the loop checks it at each log step and bef
 diverged run stops with that step number and saves nothing from then on, so the latest checkpoint is the last one
 whose steps all had a finite loss and gradient. SIGTERM / SIGINT save a checkpoint at the current step and return.
 
+Periodic eval (`train.eval_every` > 0): every `eval_every` steps and at the last one, the first `eval_batches`
+batches of the held-out split (`data.make_dataset(split="eval")`, opened with the train data before anything is
+written) are evaluated and logged as `eval_loss` (`eval_mtp_loss`, `eval_tokens`). The batches are read by index, so
+every eval sees the same ones and its result is a function of the parameters alone; it reads the state without
+changing it and never touches the train data iterator, so training is the same with eval on or off.
+
 Resuming is exact: the checkpoint holds the whole train state (parameters, router biases, optimizer moments and
 counts, step, rng) and the data position, and batch k is a pure function of the step, so a run killed at any point
 and restarted with the same workdir reproduces the uninterrupted run bit for bit on CPU.
@@ -45,14 +51,35 @@ def make_dataset(run: RunConfig) -> data.DataIterator:
     return data.make_dataset(run.train, run.model.vocab_size)
 
 
+def make_eval_dataset(run: RunConfig) -> data.DataIterator | None:
+    """The held-out batches of `train.data` that periodic eval reads; None when `train.eval_every` is 0. Raises
+    ValueError for a negative `eval_every` or an `eval_batches` < 1, ValueError / OSError for bad data."""
+    if not _eval_on(run):
+        return None
+    return data.make_dataset(run.train, run.model.vocab_size, split="eval")
+
+
+def _eval_on(run: RunConfig) -> bool:
+    """Whether periodic eval runs; raises ValueError for settings it cannot run with."""
+    every, count = run.train.eval_every, run.train.eval_batches
+    if every < 0:
+        raise ValueError(f"TrainConfig.eval_every: must be >= 0 (0: no eval), got {every}")
+    if every and count < 1:
+        raise ValueError(f"TrainConfig.eval_batches: must be >= 1 when eval_every > 0, got {count}")
+    return every > 0
+
+
 def train(run: RunConfig, workdir: str | Path, mesh=None, *, progress: bool = True,
-          dataset: data.DataIterator | None = None) -> Result:
+          dataset: data.DataIterator | None = None, eval_dataset: data.DataIterator | None = None) -> Result:
     """Train `run` in `workdir` (resuming from its latest checkpoint), on `mesh` (None: one device).
 
-    `dataset` defaults to `make_dataset(run)`, opened before anything is written. Raises TrainingDiverged.
+    `dataset` defaults to `make_dataset(run)` and `eval_dataset` to `make_eval_dataset(run)` (used only when
+    `train.eval_every` > 0), both opened before anything is written. Raises TrainingDiverged.
     """
     workdir = Path(workdir)
     dataset = make_dataset(run) if dataset is None else dataset
+    if eval_dataset is None or not _eval_on(run):
+        eval_dataset = make_eval_dataset(run)
     opt = optimizer.make_optimizer(run.train, accumulate=False)
     ckpt = checkpoint.Checkpointer(workdir, run.to_dict())
     resumed_from = ckpt.latest_step()
@@ -62,6 +89,7 @@ def train(run: RunConfig, workdir: str | Path, mesh=None, *, progress: bool = Tr
         state, data_state = ckpt.restore(step.abstract_state(run, opt, mesh))
         dataset.restore(data_state)
     train_step = step.jit_train_step(run, opt, state, mesh)
+    evaluator = None if eval_dataset is None else Evaluator(run, eval_dataset, state, mesh)
     logger = metrics.MetricsLogger(workdir, run.train.steps, metrics.train_flops_per_step(run),
                                    metrics.total_peak_flops(), progress=progress,
                                    layer_names=metrics.moe_layer_names(run.model))
@@ -70,7 +98,7 @@ def train(run: RunConfig, workdir: str | Path, mesh=None, *, progress: bool = Tr
     checkpoint.install_signal_handlers()
     loss = math.nan
     try:
-        loss = _run_steps(run, state, dataset, train_step, ckpt, logger, mesh)
+        loss = _run_steps(run, state, dataset, train_step, ckpt, logger, mesh, evaluator)
     finally:
         ckpt.wait()
         ckpt.close()
@@ -98,13 +126,59 @@ def _check_finite(first: dict, ckpt) -> None:
         raise TrainingDiverged(f"{what} at step {bad}: training diverged, stopped; {kept}")
 
 
-def _run_steps(run, state, dataset, train_step, ckpt, logger, mesh) -> float:
+def _device_batch(batch: dict, sharding) -> dict:
+    return jax.device_put({name: np.asarray(v, np.int32) for name, v in batch.items()}, sharding)
+
+
+# The denominators of eval_step's per-batch means, counted exactly (integers) from the batch's loss mask the way
+# `step.losses` forms them: tokens for the loss and z-loss, in-document pairs for the MTP loss (which `summarize`
+# does not return).
+def _eval_weights(loss_mask: np.ndarray) -> dict[str, int]:
+    mask = np.asarray(loss_mask, np.int64)
+    tokens = int(mask.sum())
+    return {"loss": tokens, "z_loss": tokens, "mtp_loss": int((mask[:, :-1] * mask[:, 1:]).sum())}
+
+
+def average_eval(per_batch: list[dict], loss_masks: list[np.ndarray]) -> dict[str, float | int]:
+    """Token-weighted means of eval_step's per-batch means: sum(mean_i * tokens_i) / sum(tokens_i), in float64,
+    which is the mean over every evaluated token (the MTP loss over its own pair count); plus `tokens`, the total.
+    A batch without tokens weighs nothing; no tokens at all gives 0, as `step.summarize` does."""
+    weights = [_eval_weights(mask) for mask in loss_masks]
+    out: dict[str, float | int] = {}
+    for name in ("loss", "mtp_loss", "z_loss"):
+        if name in per_batch[0]:
+            total = sum(w[name] for w in weights)
+            out[name] = sum(float(m[name]) * w[name] for m, w in zip(per_batch, weights)) / max(total, 1)
+    return out | {"tokens": sum(w["loss"] for w in weights)}
+
+
+class Evaluator:
+    """Periodic eval on the first `train.eval_batches` batches of `dataset` (read by index: the same ones each
+    time), with `step.jit_eval_step` on `mesh`."""
+
+    def __init__(self, run: RunConfig, dataset: data.DataIterator, state: step.TrainState, mesh=None):
+        self.every, self.count, self.dataset = run.train.eval_every, run.train.eval_batches, dataset
+        self.eval_step = step.jit_eval_step(run, state, mesh)
+        self.sharding = None if mesh is None else step.batch_sharding(mesh)
+
+    def due(self, done: int, final: bool) -> bool:
+        return done % self.every == 0 or final
+
+    def __call__(self, state: step.TrainState) -> dict[str, float | int]:
+        batches = [self.dataset.batch(i) for i in range(self.count)]
+        # all batches dispatched, then one fetch; the fetch also finishes every read of `state` before the next
+        # train step donates it
+        per_batch = jax.device_get([self.eval_step(state, _device_batch(b, self.sharding)) for b in batches])
+        return average_eval(per_batch, [b["loss_mask"] for b in batches])
+
+
+def _run_steps(run, state, dataset, train_step, ckpt, logger, mesh, evaluator=None) -> float:
     sharding = None if mesh is None else step.batch_sharding(mesh)
     loss, last = math.nan, time.perf_counter()
     first_bad = {"step": jnp.zeros((), jnp.int32), "loss": jnp.zeros((), jnp.float32),
                  "grad_norm": jnp.zeros((), jnp.float32)}
     for k in range(int(state.step), run.train.steps):
-        batch = jax.device_put({name: np.asarray(v, np.int32) for name, v in next(dataset).items()}, sharding)
+        batch = _device_batch(next(dataset), sharding)
         state, m = train_step(state, batch)
         done = k + 1
         first_bad = _watch(first_bad, np.int32(done), m["loss"], m["grad_norm"])
@@ -117,6 +191,11 @@ def _run_steps(run, state, dataset, train_step, ckpt, logger, mesh) -> float:
             logger.log(done, m, tokens=run.train.batch_size * run.train.seq_len,
                        step_time=(now - last) / run.train.log_every)
             last = now
+        if evaluator is not None and evaluator.due(done, final):
+            _check_finite(first_bad, ckpt)  # a diverged run stops before evaluating a non-finite state
+            start = time.perf_counter()
+            logger.log_eval(done, evaluator(state))
+            last += time.perf_counter() - start  # the logged train step time leaves the eval out
         if stop or final or ckpt.should_save(done):
             _check_finite(first_bad, ckpt)  # never save a state that a non-finite step produced
             ckpt.save(done, state, dataset.state(), force=stop or final)

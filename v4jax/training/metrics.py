@@ -5,6 +5,7 @@ event files and a progress line.
     peak = total_peak_flops()                         # bf16 peak of every chip (CPU: measured matmul peak)
     with MetricsLogger(workdir, run.train.steps, flops, peak, layer_names=moe_layer_names(run.model)) as log:
         log.log(step, {"loss": loss, "expert_load": out.expert_load, ...}, tokens=b * t, step_time=dt)
+        log.log_eval(step, {"loss": eval_loss, "tokens": eval_tokens})  # held out: eval_loss, eval_tokens
 
 MFU (model FLOPs utilisation) = model FLOPs per step / step seconds / peak FLOP/s. "Model" FLOPs are the analytic
 ones of `cost.py`, the same whatever the implementation does: rematerialised forwards are not counted (that would be
@@ -430,7 +431,24 @@ class MetricsLogger:
             values |= scalars({"dropped_fraction": dropped})
         values |= {"tokens": int(tokens), "step_time": float(step_time)} | self.derived(tokens, step_time)
         now = time.time()
-        record = {"step": int(step), "time": now, "elapsed_s": now - self._start} | values
+        record = self._write(step, values, now)
+        if self.active and self._progress:
+            self._draw(int(step), values, step_time, now)
+        return record
+
+    def log_eval(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Record held-out metrics at `step` (`{"loss": ..., "mtp_loss": ..., "tokens": ...}`) as `eval_<name>` in
+        their own JSONL line and TensorBoard event (the train records keep their keys), and print one line.
+        Returns the JSON record."""
+        values = {f"eval_{k}": v for k, v in scalars(dict(jax.device_get(dict(metrics)))).items()}
+        record = self._write(step, values, time.time())
+        shown = " | ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in values.items())
+        self.note(f"eval step {int(step)}/{self.total_steps}: {shown}")
+        return record
+
+    def _write(self, step: int, values: Mapping[str, int | float], now: float) -> dict[str, Any]:
+        """One record (step, time, elapsed, values) to the JSONL file (non-finite as null) and TensorBoard."""
+        record = {"step": int(step), "time": now, "elapsed_s": now - self._start} | dict(values)
         if not self.active:
             return record
         if self._jsonl:
@@ -440,8 +458,6 @@ class MetricsLogger:
         if self._tb:
             self._tb.scalars(int(step), {k: float(v) for k, v in values.items()}, wall_time=now)
             self._tb.flush()
-        if self._progress:
-            self._draw(int(step), values, step_time, now)
         return record
 
     def _eta(self, step: int, step_time: float, now: float) -> float | None:

@@ -239,6 +239,22 @@ def jit_train_step(run: RunConfig, optimizer: optax.GradientTransformation, stat
                    out_shardings=(state_shardings_, None), donate_argnums=0)
 
 
+def jit_eval_step(run: RunConfig, state: TrainState, mesh=None):
+    """`eval_step` jitted like `jit_train_step`: on a mesh traced under it and its rules (so a mesh that splits
+    `context` evaluates with the sequence split, as it trains), the state's shardings in, the batch split by the
+    rules. Nothing is donated: the next train step still needs the state."""
+    fn = functools.partial(eval_step, run=run)
+    if mesh is None:
+        return jax.jit(fn)
+    rules = mesh_rules(mesh)
+
+    def on_mesh(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), use_rules(rules):
+            return fn(state, batch)
+
+    return jax.jit(on_mesh, in_shardings=(jax.tree.map(lambda a: a.sharding, state), batch_sharding(mesh)))
+
+
 def abstract_state(run: RunConfig, optimizer: optax.GradientTransformation, mesh=None, rules=None):
     """The train state's shapes, dtypes and shardings, allocating nothing (checkpoint restore target)."""
     params, extras = split_model_state(model.abstract(run.model))
