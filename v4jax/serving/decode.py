@@ -76,23 +76,20 @@ def prefill(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, counts, c
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if (counts < 0).any() or (counts > tokens.shape[1]).any():
         raise ValueError(f"counts must lie in [0, {tokens.shape[1]}], got {counts.tolist()}")
-    room = cache.max_len - np.asarray(cache.lengths)
+    lengths = np.asarray(cache.lengths)  # one host fetch, before any call donates the cache
+    room = cache.max_len - lengths
     if (counts > room).any():
         row = int(np.argmax(counts > room))
         raise ValueError(f"row {row}: {counts[row]} prompt tokens do not fit the cache ({room[row]} of "
                          f"{cache.max_len} positions left)")
-    shards = context_shards()
-    longest = int(counts.max(initial=0))
-    if shards > 1 and longest > chunk and not np.asarray(cache.lengths).any():
-        # Empty rows and a prompt longer than a chunk: one pass with the sequence split over `context`.
-        length = split_prefill_length(cfg, longest, shards, chunk)
-        padded = np.zeros((tokens.shape[0], length), np.int32)
-        padded[:, :min(tokens.shape[1], length)] = tokens[:, :length]
-        return _prefill_chunk(cfg, params, cache, padded, counts, True)
+    shards, longest = context_shards(), int(counts.max(initial=0))
+    split = shards > 1 and longest > chunk and not lengths.any()
     chunks = max(1, math.ceil(longest / chunk))
-    padded = np.zeros((tokens.shape[0], chunks * chunk), np.int32)
-    width = min(tokens.shape[1], chunks * chunk)
-    padded[:, :width] = tokens[:, :width]
+    width = split_prefill_length(cfg, longest, shards, chunk) if split else chunks * chunk
+    padded = np.zeros((tokens.shape[0], width), np.int32)
+    padded[:, :min(tokens.shape[1], width)] = tokens[:, :width]
+    if split:  # empty rows and a prompt longer than a chunk: one pass with the sequence split over `context`
+        return _prefill_chunk(cfg, params, cache, padded, counts, True)
     last = None
     for i in range(chunks):
         chunk_counts = np.clip(counts - i * chunk, 0, chunk).astype(np.int32)
