@@ -447,3 +447,23 @@ def test_v4_sequences_shorter_than_a_compressed_block(tiny_v4):
     cfg, params = tiny_v4
     logits = model.forward(cfg, params, jnp.asarray([[1, 2, 3]], jnp.int32))
     assert logits.shape == (1, 3, cfg.vocab_size) and bool(jnp.isfinite(logits).all())
+
+
+def test_param_dtype_stores_parameters_in_it(tiny_v3):
+    """`param_dtype="bfloat16"` (serving) halves the weights: init, abstract and HF-style merges all give bf16
+    trainable parameters; router biases keep float32; the forward reads them in the compute dtype."""
+    cfg, params = tiny_v3
+    half = cfg.replace(param_dtype="bfloat16")
+    for state in (model.abstract(half), model.init(half, jax.random.key(0))):
+        dtypes = {path: v.dtype for path, v in state.flat_state()}
+        trainable = [p for p, v in state.flat_state() if isinstance(v, nnx.Param)]
+        assert all(dtypes[p] == jnp.bfloat16 for p in trainable)
+        assert any(dtypes[p] == jnp.float32 for p in dtypes if p not in set(trainable))  # router biases
+    rest, layers = model.split_layers(cfg, params)
+    merged = model.merge_layers(half, rest, layers)
+    assert all(v.dtype == jnp.bfloat16 for _, v in merged.flat_state() if isinstance(v, nnx.Param))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    full, rounded = model.forward(cfg, params, tokens), model.forward(half, merged, tokens)
+    assert rounded.dtype == jnp.float32
+    rel = float(jnp.max(jnp.abs(full - rounded)) / jnp.max(jnp.abs(full)))
+    assert 0 < rel < 0.05  # bf16 rounding of the weights only

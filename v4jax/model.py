@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from v4jax import attention
@@ -356,11 +357,28 @@ def graphdef(cfg: ModelConfig) -> nnx.GraphDef:
 
 def abstract(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rules=None) -> nnx.State:
     """Shapes, dtypes and (with a mesh) shardings of every parameter, allocating nothing."""
-    state = nnx.split(nnx.eval_shape(lambda: _build(cfg, jax.random.key(0))))[1]
+    state = in_param_dtype(cfg, nnx.split(nnx.eval_shape(lambda: _build(cfg, jax.random.key(0))))[1])
     if mesh is None:
         return state
     shardings = state_shardings(state, mesh, rules)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+
+def in_param_dtype(cfg: ModelConfig, state: nnx.State) -> nnx.State:
+    """Floating trainable parameters in `cfg.param_dtype` (bfloat16 halves a served model's weights; layers read
+    them in the compute dtype). Non-trainable state (router biases, hash tables) keeps its own dtype."""
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def cast(variable):
+        if not isinstance(variable, nnx.Param) or not jnp.issubdtype(variable.dtype, jnp.floating):
+            return variable
+        value = variable.get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):
+            return variable.replace(jax.ShapeDtypeStruct(value.shape, dtype))
+        return variable.replace(jnp.asarray(value).astype(dtype) if isinstance(value, jax.Array)
+                                else np.asarray(value).astype(dtype))
+
+    return jax.tree.map(cast, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def init(cfg: ModelConfig, key: jax.Array, mesh: jax.sharding.Mesh | None = None, rules=None) -> nnx.State:
@@ -457,7 +475,7 @@ def merge_layers(cfg: ModelConfig, rest: dict, layers: list[dict], mesh=None, ru
             for j in range(lay.unit)}}
     state = abstract(cfg)
     nnx.replace_by_pure_dict(state, pure)
-    return place(state, mesh, rules)
+    return place(in_param_dtype(cfg, state), mesh, rules)
 
 
 def place(state: nnx.State, mesh=None, rules=None) -> nnx.State:
