@@ -199,21 +199,34 @@ def _replicated(x, mesh):
     return x if mesh is None else jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def _on_mesh(sharding, mesh):
-    """A sharding on the whole mesh: XLA leaves values it creates from nothing (optimizer step counts) on one
-    device, which a jit over the mesh would refuse; those become replicated."""
-    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.devices.size == mesh.devices.size:
-        return sharding
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
 def _optimizer_init(optimizer, params, mesh):
-    """The optimizer's init, jitted so every moment takes its parameter's sharding (and lands on the mesh)."""
+    """The optimizer's init, jitted so every moment lands in its parameter's sharding (`optimizer_shardings`)."""
     if mesh is None:
         return jax.jit(optimizer.init)
-    shardings = jax.tree.map(lambda s: _on_mesh(s, mesh),
-                             jax.jit(optimizer.init).lower(params).compile().output_shardings)
-    return jax.jit(optimizer.init, out_shardings=shardings)
+    return jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, params, mesh))
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, params, mesh):
+    """Each optimizer-state leaf in its parameter's sharding: a moment has its parameter's shape and that
+    parameter's path at the end of its own (`.../mu/embed/embedding/value`). Counts and anything else not shaped
+    like a parameter are replicated. (Leaving it to XLA replicates the moments too: zeros carry no sharding to
+    propagate, and a 284B-parameter model's moments then need a terabyte per chip.)"""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_path = {_keys(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+    def sharding(path, leaf):
+        keys = _keys(path)
+        for start in range(len(keys)):
+            param = by_path.get(keys[start:])
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, jax.eval_shape(optimizer.init, params))
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(key) for key in path)
 
 
 def batch_sharding(mesh) -> jax.sharding.NamedSharding:
@@ -264,9 +277,8 @@ def abstract_state(run: RunConfig, optimizer: optax.GradientTransformation, mesh
     else:
         params, extras = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), part,
                                        state_shardings(part, mesh, rules)) for part in (params, extras))
-        compiled = _optimizer_init(optimizer, params, mesh).lower(params).compile()
         opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 jax.eval_shape(optimizer.init, params), compiled.output_shardings)
+                                 jax.eval_shape(optimizer.init, params), optimizer_shardings(optimizer, params, mesh))
         scalar_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar_sharding), params=params,
