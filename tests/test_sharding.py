@@ -174,8 +174,13 @@ def test_every_parameter_resolves(abstracts, name, preset_name, sizes):
         assert len(logical) == len(shape), path
         spec = dims(named.spec, len(shape))
         seen = []
+        declared_fsdp = any("fsdp" in rules.get(axis, ()) for axis in logical if axis)
         for size, entry, axis in zip(shape, spec, logical):
             axes = mesh_axes_of(entry)
+            if axes == ("fsdp",) and "fsdp" not in rules.get(axis, ()):
+                # fsdp_fallback: only a parameter none of whose axes the rules put on fsdp, never the layers axis
+                assert not declared_fsdp and axis != "layers" and any("fsdp" in v for v in rules.values()), path
+                axes = ()
             # Only axes the rules give that logical name, only mesh axes bigger than 1, each at most once.
             assert set(axes) <= set(rules.get(axis, ())) if axis else not axes, (path, spec)
             assert all(mesh.shape[a] > 1 for a in axes), (path, spec)
@@ -287,3 +292,24 @@ def test_constrain_pins_under_a_mesh(mesh):
     with jax.set_mesh(mesh):
         small = fn(x[:2])
     assert dims(small.sharding.spec, 3) == ("data", None, None)
+
+
+def test_fsdp_fallback_splits_weights_without_embed():
+    """V4's wq_b [q_lora, heads, head_dim] and wo_a [groups, heads, head_dim, o_lora] have no `embed` axis: under
+    the train rules they are split over fsdp along their widest dividing dimension, never the stacked layers."""
+    from v4jax.sharding import fsdp_fallback
+
+    spec = fsdp_fallback(P(None, "tensor", None), ("q_lora", "heads", "head_dim"), (32, 4, 64), 4)
+    assert spec == P(None, "tensor", "fsdp")
+    stacked = fsdp_fallback(P(None, None, None), ("layers", None, None), (64, 8, 6), 4)
+    assert stacked == P(None, "fsdp", None)  # 64 layers is the widest, but the scan slices that axis
+    assert fsdp_fallback(P("fsdp", None), ("embed", "mlp"), (64, 256), 4) == P("fsdp", None)
+    assert fsdp_fallback(P(None,), ("head_dim",), (6,), 4) == P(None,)  # nothing 4 divides: whole
+    cfg = config.preset("tiny-v4")
+    abstract = model.abstract(cfg)
+    mesh = make_mesh(fsdp=4, expert=2)
+    train = dict(nnx.to_flat_state(state_shardings(abstract, mesh, "train")))
+    serve = dict(nnx.to_flat_state(state_shardings(abstract, mesh, "serve")))
+    wq_b = next(p for p in train if p[-2:] == ("attn", "wq_b"))
+    assert "fsdp" in str(train[wq_b].get_value().spec)
+    assert "fsdp" not in str(serve[wq_b].get_value().spec)  # serving never shards weights over fsdp

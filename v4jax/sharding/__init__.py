@@ -12,7 +12,7 @@ from v4jax.sharding.axes import Axis
 from v4jax.sharding.mesh import MESH_AXES, MeshAxis, make_mesh
 from v4jax.sharding.rules import PRESETS, Preset, get_rules, logical_to_spec, use_rules
 
-__all__ = ["Axis", "MESH_AXES", "MeshAxis", "PRESETS", "Preset", "constrain", "dividing_axes", "get_rules",
+__all__ = ["Axis", "MESH_AXES", "MeshAxis", "PRESETS", "Preset", "constrain", "dividing_axes", "fsdp_fallback", "get_rules",
            "logical_to_spec", "make_mesh", "mesh_axes", "mesh_rules", "state_shardings", "use_rules", "variable_axes"]
 
 
@@ -66,12 +66,34 @@ def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules=None):
-    """NamedShardings for every Variable of an (abstract) nnx.State, resolved strictly from its logical axes."""
+    """NamedShardings for every Variable of an (abstract) nnx.State, resolved strictly from its logical axes; under
+    rules that use `fsdp`, a parameter that none of its axes puts on `fsdp` is split there anyway
+    (`fsdp_fallback`)."""
     rules = get_rules(rules)
     mesh_shape = dict(mesh.shape)
+    fsdp = mesh_shape.get(MeshAxis.FSDP, 1) if any(MeshAxis.FSDP in axes for axes in rules.values()) else 1
 
     def one(variable):
-        return variable.replace(NamedSharding(mesh, logical_to_spec(variable_axes(variable), rules, strict=True,
-                                                                    mesh_shape=mesh_shape)))
+        axes = variable_axes(variable)
+        spec = logical_to_spec(axes, rules, strict=True, mesh_shape=mesh_shape)
+        if fsdp > 1 and isinstance(variable, nnx.Param):
+            spec = fsdp_fallback(spec, axes, variable.shape, fsdp)
+        return variable.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def fsdp_fallback(spec: PartitionSpec, axes: Sequence[str | None], shape: Sequence[int],
+                  fsdp: int) -> PartitionSpec:
+    """A parameter without `embed` (V4's wq_b [q_lora, heads, head_dim], wo_a [groups, heads, head_dim, o_lora])
+    would be whole on every fsdp device, with its optimizer moments: a third of V4-Flash's weights. Such a weight
+    is split over `fsdp` along its largest unsharded dimension that `fsdp` divides (never the stacked `layers`
+    axis, which the layer scan slices), and gathered per layer like any other fsdp weight."""
+    if any(MeshAxis.FSDP in mesh_axes(entry) for entry in spec):
+        return spec
+    free = [i for i, (entry, axis) in enumerate(zip(spec, axes))
+            if entry is None and axis != Axis.LAYERS and shape[i] % fsdp == 0]
+    if not free:
+        return spec
+    widest = max(free, key=lambda i: shape[i])
+    return PartitionSpec(*(MeshAxis.FSDP.value if i == widest else entry for i, entry in enumerate(spec)))
