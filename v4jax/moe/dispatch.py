@@ -131,9 +131,16 @@ def assignment_rows(x: jax.Array, k: int) -> jax.Array:
     return jnp.repeat(x, k, axis=0)
 
 
+def target_platform() -> str:
+    """The platform the code is being traced for: the current mesh's devices (a TPU pod's, when compiling ahead of
+    time on a CPU host: `aot.py`), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def local_impl() -> MoeImpl:
     """The grouped matmul for this backend: ragged_dot where it is fast (TPU, GPU), capacity einsum on CPU."""
-    return MoeImpl.RAGGED if jax.default_backend() in _ACCELERATORS else MoeImpl.EINSUM
+    return MoeImpl.RAGGED if target_platform() in _ACCELERATORS else MoeImpl.EINSUM
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,13 +205,32 @@ def layout(cfg: ModelConfig, b: int, t: int, *, tokens_over_ep: bool) -> Layout 
     return Layout(mesh, ep, tp, P(batch or None, seq or None), p)
 
 
-@functools.cache
+_RAGGED_SUPPORT: dict[str, bool] = {}
+
+
 def ragged_all_to_all_supported(platform: str) -> bool:
     """Feature detection: does this backend compile `ragged_all_to_all`? (XLA:CPU does not.) Compiles a tiny
-    exchange over two devices once per platform; nothing runs."""
-    devices = [d for d in jax.devices() if d.platform == platform][:2]
+    exchange over two of the platform's devices once per platform (`probe_ragged_all_to_all`); nothing runs."""
+    if platform not in _RAGGED_SUPPORT:
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError:  # no such backend in this process (a TPU pod compiled for on a CPU host)
+            devices = []
+        probe_ragged_all_to_all(devices)
+    return _RAGGED_SUPPORT.get(platform, False)
+
+
+def probe_ragged_all_to_all(devices) -> bool:
+    """Run the feature probe on these devices (which need not be local: `aot.py` passes a TPU topology's) and
+    remember the answer for their platform."""
+    devices = list(devices)[:2]
     if len(devices) < 2:
         return False
+    _RAGGED_SUPPORT[devices[0].platform] = supported = _compiles_ragged_all_to_all(devices)
+    return supported
+
+
+def _compiles_ragged_all_to_all(devices) -> bool:
     mesh = jax.sharding.Mesh(np.array(devices), ("x",))
 
     def exchange(x, sizes):
@@ -236,7 +262,7 @@ def resolve_impl(cfg: ModelConfig, b: int, t: int) -> MoeImpl:
         return local_impl()
     if b * t // split.token_shards * cfg.num_experts_per_tok <= cfg.n_routed_experts:
         return MoeImpl.EP_PSUM
-    return MoeImpl.EP_RAGGED if ragged_all_to_all_supported(jax.default_backend()) else MoeImpl.EP_A2A
+    return MoeImpl.EP_RAGGED if ragged_all_to_all_supported(target_platform()) else MoeImpl.EP_A2A
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,7 +438,7 @@ def _ragged_exchange(operand, out_rows, input_offsets, send_sizes, output_offset
         idx = output_offsets[0] + jnp.arange(operand.shape[0])
         valid = jnp.arange(operand.shape[0]) < send_sizes[0]
         return output.at[jnp.where(valid, idx, out_rows)].set(operand, mode="drop")
-    if ragged_all_to_all_supported(jax.default_backend()):
+    if ragged_all_to_all_supported(target_platform()):
         return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                          axis_name=axes)
     m = operand.shape[0]
