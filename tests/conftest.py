@@ -29,3 +29,16 @@ def tiny_hybrid():
 @pytest.fixture(scope="session")
 def tokens():
     return jax.random.randint(jax.random.key(1), (4, 40), 0, 512)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the `slow` tests: full-preset TPU compiles")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="a full-preset compile (minutes): run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
