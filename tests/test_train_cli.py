@@ -72,3 +72,21 @@ def test_bad_data_path_is_one_line_and_exit_2(tmp_path, capsys, case, sets, mess
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert err.startswith("python -m train.train: error: ")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "localhost:1234"], "--coordinator, --num-processes and --process-id need --multihost"),
+    (["--process-id", "0"], "need --multihost"),
+    (["--multihost", "--num-processes", "2", "--process-id", "0"], "give all three or none"),
+    (["--multihost", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+     "coordinator must be HOST:PORT, got 'localhost'"),
+    (["--multihost", "--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
+     "process id must be in [0, 2) for 2 processes, got 2"),
+])
+def test_bad_multihost_flags_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    """Refused before jax.distributed.initialize is called (this process stays a single-process JAX)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "tiny_v3", "--workdir", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

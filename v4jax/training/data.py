@@ -54,6 +54,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
@@ -394,8 +395,8 @@ def stdlib_corpus(tokenizer: str | Tokenizer = "bytes", *, cache_dir: str | os.P
     """The prepared token directory of the stdlib corpus (or of `files`), made on first use in the cache.
 
     Keyed by the file list (paths and sizes) and the tokenizer, so a different Python or tokenizer gets its own
-    directory; several processes racing to make it each prepare into a private temporary directory and the first
-    rename wins.
+    directory; several processes racing to make it (the hosts of a multi-host run sharing a home directory) each
+    prepare into a private temporary directory, named by host and pid, and the first rename wins.
     """
     tokenizer = load_tokenizer(tokenizer)
     files = stdlib_files() if files is None else [Path(f) for f in files]
@@ -409,7 +410,7 @@ def stdlib_corpus(tokenizer: str | Tokenizer = "bytes", *, cache_dir: str | os.P
     if (target / METADATA).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{target.name}.{os.getpid()}.tmp"
+    tmp = root / f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp"  # pids repeat across hosts
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         prepare([str(f) for f in files], tmp, tokenizer)
@@ -418,7 +419,11 @@ def stdlib_corpus(tokenizer: str | Tokenizer = "bytes", *, cache_dir: str | os.P
         except OSError:  # another process got there first (or left a broken directory)
             if not (target / METADATA).is_file():
                 shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
+                try:
+                    os.rename(tmp, target)
+                except OSError:  # another process replaced the broken one meanwhile
+                    if not (target / METADATA).is_file():
+                        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -119,14 +119,15 @@ def device_peak_flops(device=None) -> float:
 
 
 def total_peak_flops(devices: Sequence | None = None) -> float | None:
-    """Peak FLOP/s of all `devices` (default: `jax.devices()`), each chip counted once: CPU devices share the host's
-    cores, so all of them together count one measured CPU peak; TPU devices on one chip (TPU7x's two TensorCores)
-    count that chip once. None, with a warning, when a device kind is not in `PEAK_FLOPS`."""
+    """Peak FLOP/s of all `devices` (default: `jax.devices()`), each chip counted once: CPU devices share their
+    host's cores, so those of one process count one measured CPU peak (this host's; hosts assumed alike); TPU devices
+    on one chip (TPU7x's two TensorCores) count that chip once. None, with a warning, when a device kind is not in
+    `PEAK_FLOPS`."""
     devices = jax.devices() if devices is None else list(devices)
     chips = {}
     for d in devices:
         if d.platform == "cpu":
-            chips[("cpu",)] = d
+            chips[("cpu", d.process_index)] = d
         elif d.platform == "tpu" and getattr(d, "coords", None) is not None:
             chips[("tpu", getattr(d, "slice_index", 0), tuple(d.coords))] = d
         else:
@@ -139,10 +140,11 @@ def total_peak_flops(devices: Sequence | None = None) -> float | None:
 
 
 def measure_cpu_matmul_peak(size: int = 1024, seconds: float = 1.0, min_repeats: int = 3) -> float:
-    """FLOP/s of a jitted float32 [size, size] @ [size, size] matmul on the first CPU device: the best of at least
-    `min_repeats` timed calls (more while under `seconds`), after one untimed warm-up (compile excluded). XLA's CPU
-    matmul uses the process's whole thread pool, so this is the rate of the process, not of one (fake) device."""
-    cpu = jax.devices("cpu")[0]
+    """FLOP/s of a jitted float32 [size, size] @ [size, size] matmul on this process's first CPU device: the best of
+    at least `min_repeats` timed calls (more while under `seconds`), after one untimed warm-up (compile excluded).
+    XLA's CPU matmul uses the process's whole thread pool, so this is the rate of the process, not of one (fake)
+    device."""
+    cpu = jax.local_devices(backend="cpu")[0]  # jax.devices() lists other processes' devices too
     rng = np.random.default_rng(0)
     a, b = (jax.device_put(rng.standard_normal((size, size), dtype=np.float32), cpu) for _ in range(2))
     matmul = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)).lower(a, b).compile()
