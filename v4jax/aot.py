@@ -105,11 +105,13 @@ def resolve_plan(name: str, *, topology: str | None = None, slices: int | None =
     plan = config_plan(name)
     if plan is None and not (topology and mesh):
         raise ValueError(f"config {name!r} has no pod() plan: give --topology and --mesh")
-    steps = tuple(Step) if step in (None, "all") and plan is None or step == "all" else (
-        (Step(step),) if step else plan.steps)
+    if step == "all" or (step is None and plan is None):
+        steps = tuple(Step)
+    else:
+        steps = (Step(step),) if step else plan.steps
     base = plan.serving if plan else Serving()
-    serving = Serving(batch=batch or base.batch, max_len=max_len or base.max_len,
-                      prefill_len=prefill_len or base.prefill_len)
+    given = dict(batch=batch, max_len=max_len, prefill_len=prefill_len)
+    serving = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     return PodPlan(topology=topology or plan.topology, mesh=parse_mesh(mesh) if mesh else plan.mesh,
                    slices=slices if slices is not None else plan.slices if plan else 1, steps=steps,
                    serving=serving)

@@ -47,6 +47,7 @@ optimizer steps). A train step that accumulates micro-batches itself passes `acc
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -258,6 +259,16 @@ def orthogonalise(x: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7) -> jax.Arra
     return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
+def _per_layer(fn, matrices: jax.Array, view: MatrixView) -> jax.Array:
+    """fn over a scanned unit's stacked matrices one layer at a time (`lax.map`): Newton-Schulz holds Gram
+    matrices, and for every layer of V4-Flash's stacked experts at once they are ~10 GB per weight per device."""
+    lead = math.prod(view.stacked)
+    if lead <= 1:
+        return fn(matrices)
+    per_layer = matrices.reshape(lead, *view.shape[len(view.stacked):])
+    return jax.lax.map(fn, per_layer).reshape(view.shape)
+
+
 class MuonState(NamedTuple):
     momentum: optax.Updates
 
@@ -277,7 +288,7 @@ def scale_by_muon(momentum: float = 0.95, update_rms: float = MUON_UPDATE_RMS, *
         def orth(path, variable):
             x = variable.get_value()
             view = matrix_view(path, variable, x.shape)
-            o = orthogonalise(x.reshape(view.shape), coeffs)
+            o = _per_layer(functools.partial(orthogonalise, coeffs=coeffs), x.reshape(view.shape), view)
             scale = math.sqrt(max(view.fan_in, view.fan_out)) * update_rms
             return (o * scale).reshape(x.shape).astype(x.dtype)
 
