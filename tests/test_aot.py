@@ -136,9 +136,17 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert exit_.value.code == 2 and message in err[-1]
 
 
+PLANS = [name for name in overrides.available_configs() if aot.config_plan(name) is not None]
+
+
+def test_every_production_config_has_a_plan():
+    assert {"v4_flash_v5p", "v4_pro_v5p", "v4_flash_serve_v5p", "v4_pro_serve_v5p"} <= set(PLANS)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["v4_flash_v5p"])
+@pytest.mark.parametrize("name", PLANS)
 def test_production_plans_fit(name, capsys):
+    """The README's table: every plan's steps compile for its slice and fit (minutes each)."""
     assert compile_tpu.main(["--config", name]) == 0, capsys.readouterr().err
 
 
