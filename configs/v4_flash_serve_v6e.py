@@ -11,4 +11,4 @@ def config() -> RunConfig:
 
 def pod() -> PodPlan:
     return PodPlan(topology="v6e:8x8", mesh={"expert": 64}, steps=(Step.PREFILL, Step.DECODE),
-                   serving=Serving(batch=8, max_len=32768, prefill_len=4096))
+                   serving=Serving(batch=8, max_len=32768, prefill_len=256))

@@ -11,4 +11,4 @@ def config() -> RunConfig:
 
 def pod() -> PodPlan:
     return PodPlan(topology="v5p:8x8x4", mesh={"expert": 128, "tensor": 2}, steps=(Step.PREFILL, Step.DECODE),
-                   serving=Serving(batch=8, max_len=131072, prefill_len=4096))
+                   serving=Serving(batch=8, max_len=131072, prefill_len=256))
