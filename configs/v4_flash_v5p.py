@@ -7,9 +7,9 @@ from v4jax.training.config import RunConfig, TrainConfig
 
 def config() -> RunConfig:
     return RunConfig(preset("deepseek-v4-flash"),
-                     TrainConfig(steps=100_000, batch_size=128, seq_len=4096, learning_rate=2.2e-4, warmup_steps=2000,
+                     TrainConfig(steps=100_000, batch_size=256, seq_len=4096, learning_rate=2.2e-4, warmup_steps=2000,
                                  compute_dtype="bfloat16", remat="block", log_every=10, checkpoint_every=500))
 
 
 def pod() -> PodPlan:
-    return PodPlan(topology="v5p:4x4x8", mesh={"fsdp": 16, "expert": 8}, steps=(Step.TRAIN,))
+    return PodPlan(topology="v5p:8x8x4", mesh={"fsdp": 32, "expert": 8}, steps=(Step.TRAIN,))
