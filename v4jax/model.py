@@ -14,7 +14,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from v4jax import attention
@@ -375,8 +374,7 @@ def in_param_dtype(cfg: ModelConfig, state: nnx.State) -> nnx.State:
         value = variable.get_value()
         if isinstance(value, jax.ShapeDtypeStruct):
             return variable.replace(jax.ShapeDtypeStruct(value.shape, dtype))
-        return variable.replace(jnp.asarray(value).astype(dtype) if isinstance(value, jax.Array)
-                                else np.asarray(value).astype(dtype))
+        return variable.replace(value.astype(dtype))  # numpy (a loaded checkpoint) or jax arrays alike
 
     return jax.tree.map(cast, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
