@@ -1,0 +1,1 @@
+"""Layer-pattern ablations: long-range synthetic tasks, sweeps, reports."""
