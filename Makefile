@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test install bench demo clean
+.PHONY: test install bench demo ablate clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m train.bench forward --config tiny-hybrid --seq 4096
+
+# The CPU ratio sweep (configs/ablate_cpu.py, under 10 minutes on 2 cores): results, table and plots in runs/ablate.
+ablate: $(STAMP)
+	$(BIN)/python -m train.ablate --sweep ablate_cpu --out runs/ablate/ablate_cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

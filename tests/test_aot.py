@@ -128,6 +128,8 @@ def test_oversized_serving_shape_does_not_fit(capsys):
     (["--topology", "v5e:2x2", "--mesh", "data=8"], "covers 8 devices"),
     (["--topology", "v5e:2x2", "--mesh", "depth=4"], "expected axis=size"),
     (["--topology", "v5e:2x2"], "give --topology and --mesh"),
+    (["--topology", "v5e:2x2", "--mesh", "data=2,expert=2", "--set", "train.batch_size=6"],
+     "train.batch_size=6 does not split over the 4 batch shards"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

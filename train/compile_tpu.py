@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         pod = aot.pod(plan.topology, plan.slices)
         mesh = aot.pod_mesh(pod, plan.mesh)
+        if aot.Step.TRAIN in plan.steps:
+            aot.check_train_batch(run, mesh)
     except (ValueError, TypeError, OSError) as error:
         parser.error(" ".join(str(error).split()))
     except RuntimeError as error:  # libtpu missing

@@ -240,6 +240,18 @@ def mesh_text(sizes: Mapping[str, int]) -> str:
 # lowering the real steps over abstract arguments
 
 
+def check_train_batch(run: RunConfig, mesh: jax.sharding.Mesh) -> None:
+    """ValueError (one line) when `train.batch_size` rows do not split evenly over the mesh's batch axes."""
+    sharding = step.batch_sharding(mesh)
+    try:
+        sharding.shard_shape((run.train.batch_size, run.train.seq_len))
+    except ValueError:
+        rows = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(sharding.spec[0] or ())))
+        raise ValueError(f"train.batch_size={run.train.batch_size} does not split over the {rows} batch shards of "
+                         f"mesh {mesh_text(dict(mesh.shape))}; use a multiple of {rows} (--set "
+                         f"train.batch_size=N)") from None
+
+
 def lower_train(run: RunConfig, mesh: jax.sharding.Mesh) -> jax.stages.Lowered:
     """The training loop's jitted step over the run's global batch (`train.batch_size` x `train.seq_len`)."""
     opt = optimizer.make_optimizer(run.train, accumulate=False)

@@ -35,7 +35,9 @@ Pieces, bottom up:
   enough to save next to a checkpoint as JSON, and resuming at step k reproduces exactly.
 - Synthetic tasks (`data="synthetic:<task>[:<symbols>]"`): "copy" (the row's second half repeats its first half;
   loss only on the predictable second half) and "counting" (next = previous + 1 mod symbols), in the same batch
-  format, each row seeded by (seed, row), so any process count sees the same global batches.
+  format, each row seeded by (seed, row), so any process count sees the same global batches. The long-range
+  ablation tasks of `v4jax.ablation.tasks` ("synthetic:mqar:pairs=8", "synthetic:passkey", "synthetic:induction")
+  come through the same door.
 
 Grain: the index pipeline is a `grain.MapDataset` (random access, so batch `k` is computed, never replayed):
 `MapDataset.source(packed rows).shuffle(seed).repeat()` (grain's shuffle re-permutes each epoch with
@@ -769,6 +771,13 @@ def make_dataset(train_cfg, vocab_size: int, process_index: int = 0, process_cou
     "synthetic:<task>[:<symbols>]"; global batch `train_cfg.batch_size` of `train_cfg.seq_len` tokens, order from
     `train_cfg.seed`. `vocab_size` is the model's."""
     data, seq_len, batch_size, seed = train_cfg.data, train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed
+    if data.startswith("synthetic:") and data.split(":")[1] not in SYNTHETIC_TASKS:  # an ablation task
+        from v4jax.ablation import tasks
+
+        task = tasks.parse(data.removeprefix("synthetic:"))
+        check_vocab(task.vocab_size, vocab_size, f"task {data!r}")
+        return DataIterator(tasks.TaskRows(task, seq_len, seed, split), seed=seed, batch_size=batch_size,
+                            process_index=process_index, process_count=process_count, shuffle=False, name=data)
     if data.startswith("synthetic:"):
         parts = data.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()):
