@@ -59,7 +59,7 @@ def test_reach_flags_a_gap_inside_the_local_span():
     assert any("warning: SSSM sliding_window=64" in line for line in sweep.reach(wide))
 
 
-def test_tiny_sweep_end_to_end_then_restart_skips(tmp_path):
+def test_tiny_sweep_end_to_end_then_restart_skips(tmp_path, capsys):
     base = smoke()
     logged = []
     path = sweep.run(base, tmp_path, log=logged.append)
@@ -80,6 +80,12 @@ def test_tiny_sweep_end_to_end_then_restart_skips(tmp_path):
     assert "| SSSS" in table and "| SSSM" in table and "accuracy_vs_kv.png" in table
     for key in ("kv_plot", "ratio_plot"):
         assert paths[key].read_bytes()[:4] == b"\x89PNG"
+
+    from train import ablate  # the CLI on the finished sweep: nothing to train, the report re-made
+
+    assert ablate.main(["--sweep", "ablate_smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs already in" in out and "| SSSM" in out and "accuracy_vs_ratio.png" in out
 
     logged.clear()
     again = dataclasses.replace(base, seeds=(0, 1), variants=base.variants[:1])
