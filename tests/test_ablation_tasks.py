@@ -84,6 +84,16 @@ def test_mqar_layout_keeps_every_query_beyond_the_gap():
         tasks.example(task, 30, 0, "train", 0)
 
 
+def test_bound_mqar_stores_each_pair_as_its_own_token():
+    task = tasks.Mqar(pairs=4, keys=4, values=3, stride=1, bound=True)
+    assert task.vocab_size == 1 + 4 + 3 + 12
+    ids = {task.pair_id(k, v) for k in range(1, 5) for v in range(5, 8)}
+    assert ids == set(range(8, 20))
+    ex = tasks.example(task, 24, 0, "train", 0)
+    for t in np.flatnonzero(ex.scored):
+        assert task.pair_id(ex.stream[t], ex.stream[t + 1]) in ex.stream[:4]
+
+
 def test_passkey_groups_by_depth_and_exact_match_needs_every_digit():
     task = tasks.Passkey(digits=4, depths=(0.0, 1.0))
     groups = {tasks.example(task, SEQ, 0, "eval", i).group for i in range(20)}

@@ -10,7 +10,9 @@ the answers only. Row r of a split depends only on (task, seq_len, seed, split, 
   The model must emit each value after its key. Every query is at least `gap(seq_len)` tokens after its pair; with
   `gap > layers * window`, stacked local layers cannot relay the value (each hop moves it at most window - 1
   tokens), so only a full (or compressed) layer can. Values are drawn with replacement, so seeing the other
-  answers does not narrow down the next one. Chance: 1 / values.
+  answers does not narrow down the next one. Chance: 1 / values. `bound=True` stores each pair as one token (its
+  own id per (key, value), like a phonebook line): recall is then one attention hop instead of a previous-token
+  head feeding a lookup, which small models learn in far fewer steps.
 - Passkey: a filler "sentence" repeated, a key marker and `digits` digits at a relative depth, filler, then a
   query marker after which the model must repeat the digits. One item = the whole key (all digits right).
   Training draws the depth uniformly; evaluation reports each of `depths` (0 = the start of the row, 1 = just
@@ -68,6 +70,10 @@ class Mqar:
         bound = self.keys * self.values if self.bound else 0
         return 1 + self.keys + self.values + bound  # 0 is the blank, then keys, values, bound pairs
 
+    def pair_id(self, key, value):
+        """The one token of a bound (key, value) pair: ids after the values, key-major."""
+        return 1 + self.keys + self.values + (key - 1) * self.values + (value - 1 - self.keys)
+
     def gap(self, seq_len: int) -> int:
         """Blank tokens between the last pair and the first query: every query is further than this from its key."""
         return seq_len + 1 - self.pairs * self.stride - 2 * self.pairs
@@ -80,7 +86,7 @@ class Mqar:
         stream = np.zeros(seq_len + 1, np.int32)
         context = self.pairs * self.stride
         if self.bound:
-            stream[0:context:self.stride] = self.keys + self.values + 1 + (keys - 1) * self.values + values - self.keys - 1
+            stream[0:context:self.stride] = self.pair_id(keys, values)
         else:
             stream[0:context:self.stride], stream[1:context:self.stride] = keys, values
         order = rng.permutation(self.pairs)
