@@ -18,6 +18,8 @@
     python -m train.bench context --config tiny-v4 --seq 32768,131072 [--context 1,8] [--batch 1] [--repeats 2]
                                   [--json out.json]
 
+    python -m train.bench all --out DIR [--quick]
+
 Prints Markdown tables on stdout (progress on stderr).
 `forward`: whole-model forward tokens/s, the split of attention time between `M` (full MLA) and `S`
 (sliding-window MLA) layers, and one S layer's cost relative to one M layer at `--layer-seq` tokens next to the
@@ -43,6 +45,11 @@ and temp bytes, ms per forward and tokens/s, and the peak at the smallest contex
 ideal, with a verdict per row against the target (5x less at context 8 than at context 1; 5/8 of the ideal
 elsewhere). Every length must split over every context size, each shard a multiple of the config's compression
 ratios (16 for tiny-v4); on CPU the process gets max(--context) fake devices (`v4jax.attention.context_bench`).
+`all`: the performance suite on `configs/bench_tiny_v4` (MaxText's deepseek4-tiny shapes, batch 4 x 512) in one
+process: the CPU matmul peak, v4jax's train step (tokens/s, MFU, cold compile), forward and batch-1 greedy decode,
+transformers on the same weights (forward, AdamW train step, decode), MaxText (detected, else skipped with the
+reason; its recorded figure is used), the ratios and the issue's targets with pass/fail; writes DIR/bench.json and
+DIR/bench.md. `--quick`: a shrunk workload, about a minute (`v4jax.perf`).
 """
 
 from __future__ import annotations
@@ -138,6 +145,12 @@ def _parser():
     ctx.add_argument("--batch", type=int, default=1)
     ctx.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the median is reported)")
     ctx.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    suite = commands.add_parser("all", help="the performance suite: v4jax vs transformers (and MaxText) on "
+                                            "configs/bench_tiny_v4, ratios and targets")
+    suite.add_argument("--out", required=True, metavar="DIR", help="directory for bench.json and bench.md")
+    suite.add_argument("--quick", action="store_true",
+                       help="a shrunk workload (about a minute; verdicts meaningless)")
     return parser
 
 
@@ -355,6 +368,23 @@ def _context(parser, args) -> int:
     return 0
 
 
+def _all(parser, args) -> int:
+    from v4jax import bench, perf
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {args.out!r} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out!r}: {e.strerror or e}")
+    if not os.access(out, os.W_OK):
+        parser.error(f"--out {args.out!r} is not writable")
+    result = perf.run_all(out, quick=args.quick, progress=bench.stderr_progress)
+    print(result["markdown"])
+    return 0
+
+
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         with open(path, "w") as f:
@@ -376,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":  # --config names a run in configs/, not a preset
         return _train(parser, args)
+    if args.command == "all":
+        return _all(parser, args)
     if args.config not in config.PRESETS:
         parser.error(f"unknown preset {args.config!r}; known: {', '.join(sorted(config.PRESETS))}")
     if args.command == "attention":

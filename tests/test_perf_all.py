@@ -1,0 +1,119 @@
+"""The performance suite (`python -m train.bench all`, `v4jax.perf`): its quick run end to end, and the workload
+config (`configs/bench_tiny_v4`) against the shapes the peers were measured on."""
+
+import contextlib
+import dataclasses
+import io
+import json
+
+import pytest
+
+from configs import bench_tiny_v4
+from train import bench as cli
+from v4jax import cost, hf_v4, perf
+
+# ../shared/peers/hf_bench.py's TINY_V4 (MaxText's deepseek4-tiny as a transformers DeepseekV4Config), copied.
+COMPRESS = [0, 0] + [4, 128] * 20 + [4]
+TINY_V4 = dict(
+    vocab_size=129280, hidden_size=64, moe_intermediate_size=64, num_hidden_layers=43,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=32, qk_rope_head_dim=32,
+    q_lora_rank=16, o_groups=4, o_lora_rank=16, sliding_window=32,
+    n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+    scoring_func="sqrtsoftplus", norm_topk_prob=False, routed_scaling_factor=1.0, swiglu_limit=10.0,
+    hc_mult=4, hc_sinkhorn_iters=20, num_hash_layers=3, compress_ratios=COMPRESS,
+    index_n_heads=4, index_head_dim=32, index_topk=16,
+    rope_theta=10000.0, compress_rope_theta=160000.0, max_position_embeddings=4096,
+    rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+
+
+def test_bench_tiny_v4_has_the_peers_shapes():
+    run = bench_tiny_v4.config()
+    cfg = run.model
+    assert cfg.num_hidden_layers == 43 and cfg.explicit_pattern.startswith("WWCHCH")
+    assert cfg.explicit_pattern == "WW" + "CH" * 20 + "C"
+    assert (cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim) == \
+        (64, 129_280, 4, 32, 32)
+    assert (cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank, cfg.sliding_window) == (16, 4, 16, 32)
+    assert (cfg.csa_compress_ratio, cfg.hca_compress_ratio) == (4, 128)
+    assert (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk) == (4, 32, 16)
+    assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_shared_experts) == \
+        (16, 4, 64, 1)
+    assert (cfg.scoring_func.value, cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.swiglu_limit) == \
+        ("sqrtsoftplus", False, 1.0, 10.0)
+    assert (cfg.first_hash_layers, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.num_nextn_predict_layers) == (3, 4, 20, 0)
+    assert (cfg.dtype, run.train.compute_dtype, run.train.optimizer.value) == ("float32", "float32", "adamw")
+    assert (run.train.batch_size, run.train.seq_len) == (4, 512)
+    # the peers' config read through our HF mapping is the same model, field for field
+    theirs = hf_v4.config_from_hf(dict(TINY_V4))
+    differ = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(theirs, f.name)}
+    assert differ == {"name", "pattern", "attention_block_size"}  # pattern: unexpanded vs expanded, same layers
+    assert theirs.explicit_pattern == cfg.explicit_pattern
+
+
+def test_bench_tiny_v4_parameter_count_matches_transformers():
+    """cost.params against an independent count: transformers' DeepseekV4ForCausalLM built from the peers' config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        reference = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**TINY_V4))
+    total, _ = cost.params(bench_tiny_v4.model())
+    assert total == sum(p.numel() for p in reference.parameters()) == 27_167_315
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_all")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["all", "--out", str(out), "--quick"]) == 0
+    return out, json.loads((out / "bench.json").read_text()), stdout.getvalue()
+
+
+def test_all_quick_writes_the_figures(quick):
+    out, r, printed = quick
+    for key in ("quick", "workload", "cpu", "v4jax", "transformers", "maxtext", "ratios", "targets", "markdown"):
+        assert key in r, key
+    assert r["quick"] is True and r["workload"]["config"] == "bench_tiny_v4"
+    assert r["cpu"]["peak_flops"] == max(r["cpu"]["peak_measurements"]) > 0
+    train, fwd, dec = r["v4jax"]["train"], r["v4jax"]["forward"], r["v4jax"]["decode"]
+    assert train["tokens_per_s"] > 0 and fwd["tokens_per_s"] > 0 and dec["ms_per_token"] > 0
+    assert train["compile_s"] > 0
+    assert 0 < train["mfu"] < 1
+    assert train["mfu"] == pytest.approx(train["flops_per_step"] / train["step_time_s"] / r["cpu"]["peak_flops"])
+    peer = r["transformers"]
+    assert peer["forward"]["tokens_per_s"] > 0 and peer["train"]["tokens_per_s"] > 0
+    assert peer["decode"]["ms_per_token"] > 0
+    assert peer["params"] == r["workload"]["params"]  # the same model, exported from ours
+    ratios = r["ratios"]
+    assert ratios["forward_vs_transformers"] == pytest.approx(fwd["tokens_per_s"] / peer["forward"]["tokens_per_s"])
+    assert ratios["train_vs_transformers"] == pytest.approx(train["tokens_per_s"] / peer["train"]["tokens_per_s"])
+    assert ratios["decode_transformers_over_v4jax"] == pytest.approx(peer["decode"]["ms_per_token"] /
+                                                                     dec["ms_per_token"])
+    assert ratios["train_vs_maxtext"] == pytest.approx(train["tokens_per_s"] / 328.0)
+    assert ratios["forward_vs_transformers_recorded"] == pytest.approx(fwd["tokens_per_s"] / 952.0)
+    assert ratios["decode_transformers_recorded_over_v4jax"] == pytest.approx(62.0 / dec["ms_per_token"])
+    mt = r["maxtext"]
+    assert ("skipped" in mt and len(mt["skipped"]) > 20) or mt.get("train_tokens_per_s", 0) > 0
+    targets = {t["name"]: t for t in r["targets"]}
+    assert len(targets) == 4
+    for t in targets.values():
+        assert t["pass"] == (t["value"] >= t["target"] if t["op"] == ">=" else t["value"] <= t["target"])
+    assert targets["decode ms/token <= 6"]["value"] == dec["ms_per_token"]
+    # the table: printed on stdout and written next to the JSON
+    assert printed.strip() == r["markdown"] == (out / "bench.md").read_text().strip()
+    rows = [line.split("|")[1].strip() for line in r["markdown"].splitlines() if line.startswith("| ")]
+    assert rows == ["figure", *perf.ROWS]
+    assert "MaxText: skipped: " in r["markdown"] or "MaxText: measured" in r["markdown"]
+    assert "PASS" in r["markdown"] or "FAIL" in r["markdown"]
+
+
+@pytest.mark.parametrize("argv", [["all"], ["all", "--out", "FILE"]])
+def test_all_bad_input_exits_2(argv, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(blocker) if a == "FILE" else a for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m train.bench") or "error" in err[-1]
