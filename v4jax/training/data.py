@@ -774,6 +774,10 @@ def make_dataset(train_cfg, vocab_size: int, process_index: int = 0, process_cou
     if data.startswith("synthetic:") and data.split(":")[1] not in SYNTHETIC_TASKS:  # an ablation task
         from v4jax.ablation import tasks
 
+        name = data.split(":")[1]
+        if name not in list(tasks.TaskKind):
+            raise ValueError(f"data {data!r}: unknown synthetic task {name!r}; known: "
+                             f"{', '.join([*SYNTHETIC_TASKS, *tasks.TaskKind])}")
         task = tasks.parse(data.removeprefix("synthetic:"))
         check_vocab(task.vocab_size, vocab_size, f"task {data!r}")
         return DataIterator(tasks.TaskRows(task, seq_len, seed, split), seed=seed, batch_size=batch_size,
