@@ -261,10 +261,10 @@ def run_all(out_dir: str | os.PathLike, quick: bool = False, progress: Callable[
     }
     result["seconds"] = time.perf_counter() - started
     result["markdown"] = markdown(result)
-    with open(out_dir / "bench.json", "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    (out_dir / "bench.md").write_text(result["markdown"] + "\n")
+    for name, text in (("bench.json", json.dumps(result, indent=2) + "\n"), ("bench.md", result["markdown"] + "\n")):
+        tmp = out_dir / f"{name}.tmp"  # a killed run leaves the previous results, never half of a file
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
     return result
 
 

@@ -165,13 +165,10 @@ def counts(cfg: ModelConfig) -> tuple[int, int]:
 def check_params(sweep: Sweep) -> list[str]:
     """Lines naming each variant's layers, ratio and parameter count; ValueError when they differ by more than
     the sweep's tolerance."""
-    sizes = {v.label: cost.params(sweep.model(v))[0] for v in sweep.variants}
-    lines = []
-    for v in sweep.variants:
-        cfg = sweep.model(v)
-        cheap, full = counts(cfg)
-        lines.append(f"  {v.label:<28} {cfg.explicit_pattern:<12} {f'{cheap}:{full}':>6} cheap:full "
-                     f"{sizes[v.label]:>10,} params")
+    columns = {v.label: cost_columns(sweep.model(v)) for v in sweep.variants}
+    sizes = {label: c["params"] for label, c in columns.items()}
+    lines = [f"  {label:<28} {c['layers']:<12} {c['ratio']:>6} cheap:full {c['params']:>10,} params"
+             for label, c in columns.items()]
     spread = (max(sizes.values()) - min(sizes.values())) / max(sizes.values())
     lines.append(f"  parameter counts differ by {spread:.1%} (tolerance "
                  f"{'off' if sweep.param_tolerance is None else f'{sweep.param_tolerance:.0%}'})")
