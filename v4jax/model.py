@@ -19,6 +19,7 @@ from flax import nnx, struct
 from v4jax import attention
 from v4jax.attention import cached as cached_attention, context
 from v4jax.config import LayerSpec, MlpKind, ModelConfig
+from v4jax.layers.cross_entropy import head_cross_entropy
 from v4jax.layers.hyper import HyperConnection, HyperHead, expand
 from v4jax.layers.linear import Embed, Head, fill_random, param, read
 from v4jax.layers.mlp import MLP
@@ -242,7 +243,16 @@ class Transformer(nnx.Module):
                               preferred_element_type=jnp.float32)
         return self.head(h)
 
-    def __call__(self, tokens, positions, segment_ids) -> ModelOutput:
+    def output_kernel(self) -> jax.Array:
+        """The head's [d, v] matrix (the embedding's transpose when tied), in its parameter dtype."""
+        return self.embed.embedding[...].T if self.head is None else self.head.kernel[...]
+
+    def token_losses(self, h: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+        """(cross-entropy, log-partition) float32 [b, t] of the head on h against targets, no logits kept."""
+        with jax.named_scope("head_cross_entropy"):
+            return head_cross_entropy(h, self.output_kernel(), targets, chunk)
+
+    def __call__(self, tokens, positions, segment_ids, targets=None, loss_chunk: int = 0) -> ModelOutput:
         dtype = jnp.dtype(self.cfg.dtype)
         x = constrain(self.embed(tokens, dtype), ACTIVATION)
         if self.cfg.hc_mult > 1:
@@ -252,17 +262,25 @@ class Transformer(nnx.Module):
             with jax.named_scope(group[0]):
                 x, group_stats = group[1](x, positions, segment_ids, tokens)
             stats.extend(group_stats)
-        logits = self.logits(self.norm(x if self.hc_head is None else self.hc_head(x)))
-        mtp_logits = None
+        h = self.norm(x if self.hc_head is None else self.hc_head(x))
+        losses = {}
+        if targets is None:
+            losses["logits"] = self.logits(h)
+        else:
+            losses["ce"], losses["log_z"] = self.token_losses(h, targets, loss_chunk)
         if self.mtp is not None:
             with jax.named_scope("mtp"):
                 next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
                 h, mtp_stats = self.mtp(x, self.embed(next_tokens, dtype), positions, segment_ids, next_tokens)
-                mtp_logits = self.logits(h)
+                if targets is None:
+                    losses["mtp_logits"] = self.logits(h)
+                else:  # position t predicts target t+1; the last position's pad target is the caller's to mask
+                    next_targets = jnp.concatenate([targets[:, 1:], jnp.zeros_like(targets[:, :1])], axis=1)
+                    losses["mtp_ce"] = self.token_losses(h, next_targets, loss_chunk)[0]
                 stats.append(mtp_stats)
         moe = [s for s in stats if s is not None]
         return ModelOutput(
-            logits=logits, mtp_logits=mtp_logits,
+            **losses,
             expert_load=jnp.stack([s["expert_load"] for s in moe]) if moe else None,
             dropped_fraction=jnp.stack([s["dropped_fraction"] for s in moe]) if moe else None,
             a2a_bytes=jnp.stack([s["a2a_bytes"] for s in moe]) if moe else None,
@@ -334,11 +352,16 @@ class Transformer(nnx.Module):
 
 @struct.dataclass
 class ModelOutput:
-    logits: jax.Array  # float32 [b, t, v]
-    mtp_logits: jax.Array | None  # float32 [b, t, v]: position t predicts token t+2
     expert_load: jax.Array | None  # float32 [moe layers (+ MTP), e]: routed assignments per expert
     dropped_fraction: jax.Array | None  # float32 [moe layers (+ MTP)]
     a2a_bytes: jax.Array | None = None  # float32 [moe layers (+ MTP)]: bytes the expert-parallel all-to-alls moved
+    # without targets: the logits
+    logits: jax.Array | None = None  # float32 [b, t, v]
+    mtp_logits: jax.Array | None = None  # float32 [b, t, v]: position t predicts token t+2
+    # with targets (the fused head + cross-entropy; no logits): float32 [b, t]
+    ce: jax.Array | None = None
+    log_z: jax.Array | None = None
+    mtp_ce: jax.Array | None = None  # position t against target t + 1; the last position is padding
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,8 +419,12 @@ def _init_fn(cfg: ModelConfig, mesh, rules_key):
 
 
 def apply(cfg: ModelConfig, params: nnx.State, tokens: jax.Array, *, positions: jax.Array | None = None,
-          segment_ids: jax.Array | None = None) -> ModelOutput:
-    """The full forward pass (traceable; call inside your own jit). tokens int32 [b, t]."""
+          segment_ids: jax.Array | None = None, targets: jax.Array | None = None,
+          loss_chunk: int = 128) -> ModelOutput:
+    """The full forward pass (traceable; call inside your own jit). tokens int32 [b, t].
+
+    Without `targets`: the logits. With int targets [b, t]: per-token losses instead (`ce`, `log_z`, `mtp_ce`),
+    the head fused with the cross-entropy `loss_chunk` positions at a time, so no [b, t, v] array exists."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, time], got shape {tokens.shape}")
     if positions is None:
@@ -405,7 +432,7 @@ def apply(cfg: ModelConfig, params: nnx.State, tokens: jax.Array, *, positions: 
     if segment_ids is None:
         segment_ids = jnp.zeros(tokens.shape, jnp.int32)
     model = nnx.merge(graphdef(cfg), params)
-    return model(tokens, positions, segment_ids)
+    return model(tokens, positions, segment_ids, targets, loss_chunk)
 
 
 @functools.partial(jax.jit, static_argnums=0)

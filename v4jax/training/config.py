@@ -41,6 +41,9 @@ class TrainConfig:
     # losses
     mtp_loss_weight: float = 0.3
     z_loss_weight: float = 0.0
+    # the head and the cross-entropy fused, this many positions at a time: no [b, t, vocab] logits are kept
+    # (v4jax.layers.cross_entropy); 0 materialises the logits and takes a plain log-softmax
+    loss_chunk: int = 128
     balance_loss_weight: float = 0.0  # sequence-wise auxiliary balance loss (V3/V4 use a tiny value)
     router_bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias += rate * sign(mean load - load)
     # compute
@@ -74,6 +77,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accumulation:
             raise ValueError(f"TrainConfig.grad_accumulation: must divide batch_size={self.batch_size}, "
                              f"got {self.grad_accumulation}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"TrainConfig.loss_chunk: must be >= 0 (0: unfused), got {self.loss_chunk}")
         if self.warmup_steps < 0:  # longer than the run is allowed: the learning rate never reaches its peak
             raise ValueError(f"TrainConfig.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.compute_dtype not in ("float32", "bfloat16"):

@@ -64,10 +64,13 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Arra
 
 def losses(cfg: ModelConfig, train: TrainConfig, model_state: nnx.State, batch: Batch, total_tokens: jax.Array):
     """(loss to differentiate, (metrics, expert_load)) for one (micro-)batch."""
+    targets = batch["targets"]
+    fused = train.loss_chunk > 0
     out = model.apply(cfg, model_state, batch["tokens"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"])
+                      segment_ids=batch["segment_ids"], targets=targets if fused else None,
+                      loss_chunk=train.loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce, log_z = token_cross_entropy(out.logits, batch["targets"])
+    ce, log_z = (out.ce, out.log_z) if fused else token_cross_entropy(out.logits, targets)
     ce_sum = jnp.sum(ce * mask)
     loss = ce_sum / total_tokens
     metrics = {"ce_sum": ce_sum, "tokens": jnp.sum(mask)}
@@ -75,10 +78,11 @@ def losses(cfg: ModelConfig, train: TrainConfig, model_state: nnx.State, batch: 
         z_sum = jnp.sum(jnp.square(log_z) * mask)
         loss = loss + train.z_loss_weight * z_sum / total_tokens
         metrics["z_sum"] = z_sum
-    if out.mtp_logits is not None and train.mtp_loss_weight:
+    if (out.mtp_ce is not None or out.mtp_logits is not None) and train.mtp_loss_weight:
         # position t predicts target t+1 (token t+2): valid when targets t and t+1 both stay in t's document
         mtp_mask = mask[:, :-1] * mask[:, 1:]
-        mtp_ce, _ = token_cross_entropy(out.mtp_logits[:, :-1], batch["targets"][:, 1:])
+        mtp_ce = (out.mtp_ce[:, :-1] if fused
+                  else token_cross_entropy(out.mtp_logits[:, :-1], targets[:, 1:])[0])
         mtp_sum = jnp.sum(mtp_ce * mtp_mask)
         loss = loss + train.mtp_loss_weight * mtp_sum / total_tokens
         metrics |= {"mtp_sum": mtp_sum, "mtp_tokens": jnp.sum(mtp_mask)}
