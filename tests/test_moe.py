@@ -272,3 +272,39 @@ def test_capacity_drops_are_counted_and_contribute_nothing():
     # ... and the drops really removed something: the undropped dense output differs.
     full_y = jax.device_get(dense_with_dropped(graphdef, params, rest, x, jnp.zeros_like(expected), cotangent))[0]
     assert not np.allclose(y, full_y, atol=1e-3)
+
+
+def test_block_slots_pack_each_group_into_its_own_blocks():
+    rng = np.random.default_rng(0)
+    groups, block = 5, 4
+    row_group = jnp.asarray(rng.choice(groups + 1, 37, p=[0.4, 0.05, 0.2, 0.0, 0.25, 0.1]), jnp.int32)
+    slot, block_group = jax.jit(dispatch.block_slots, static_argnums=(1, 2))(row_group, groups, block)
+    slot, block_group, row_group = map(np.asarray, (slot, block_group, row_group))
+    n_blocks = len(block_group)
+    assert n_blocks == -(-37 // block) + groups
+    here = row_group < groups
+    assert (slot[~here] == n_blocks * block).all()  # rows of no group here get no slot
+    assert len(set(slot[here])) == here.sum() and (slot[here] < n_blocks * block).all()
+    np.testing.assert_array_equal(block_group[slot[here] // block], row_group[here])  # a block holds one group
+    for g in range(groups):  # each group fills whole blocks from its first one, in row order
+        s = slot[row_group == g]
+        assert (np.diff(s) == 1).all() and (s.size == 0 or s[0] % block == 0)
+
+
+def test_blocked_equals_capacity_buffers_with_rows_for_other_shards():
+    rng = np.random.default_rng(1)
+    g, d, f, r = 4, 8, 16, 30
+    w = dispatch.FFN(*(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((g, d, f), (g, d, f), (g, f, d))))
+    rows = jnp.asarray(rng.standard_normal((r, d)), jnp.float32)
+    row_group = jnp.asarray(rng.integers(0, g + 1, r), jnp.int32)  # group g: another shard's rows
+
+    def both(w, rows):
+        blocked, kept_b = dispatch.blocked(w, rows, row_group, block=3)
+        slot = dispatch.slots(row_group, g, r)
+        buffers = dispatch.from_buffers(dispatch.ffn_buffers(w, dispatch.to_buffers(rows, slot, g, r)), slot)
+        return blocked, kept_b, buffers, slot < g * r
+
+    blocked, kept_b, buffers, kept = jax.jit(both)(w, rows)
+    np.testing.assert_array_equal(kept_b, kept)
+    np.testing.assert_allclose(blocked, buffers, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(blocked)[np.asarray(kept)]).min() > 0 and (np.asarray(blocked)[~np.asarray(kept)] == 0).all()

@@ -11,7 +11,9 @@ dropped assignment contributes nothing (the shared expert and the residual still
 On one device (GSPMD shards them like any other op):
   dense      every expert on every token, weighted by the (mostly zero) combine matrix: the numerics reference;
   einsum     assignments packed by expert into capacity-padded [e, c, d] buffers, one batched einsum (the CPU
-             default: XLA:CPU's ragged_dot runs 30-90x slower than an einsum of the same FLOPs);
+             default: XLA:CPU's ragged_dot runs 30-90x slower than an einsum of the same FLOPs); with exact
+             capacity (no capacity factor) into single-expert blocks of BLOCK_ROWS rows instead (`blocked`: about
+             a + e x block rows computed, not the e x n an exact capacity buffer needs);
   ragged     assignments sorted by expert, `jax.lax.ragged_dot` over the groups (dropless; TPU/GPU).
 Expert parallel, inside `shard_map` (weights [l, d, f] per shard; embed gathered, `expert_mlp` optionally split
 over `tensor`, whose partial sums are added by one psum at the end):
@@ -100,6 +102,42 @@ def to_buffers(rows: jax.Array, slot: jax.Array, n_groups: int, cap: int) -> jax
 def from_buffers(buffer: jax.Array, slot: jax.Array) -> jax.Array:
     """[g, c, d] -> rows [r, d] read back from their slots (zero for rows without one)."""
     return buffer.reshape(-1, buffer.shape[-1]).at[slot].get(mode="fill", fill_value=0)
+
+
+# Rows per block of `blocked` (the dropless einsum): padding costs at most one block per group.
+BLOCK_ROWS = 128
+
+
+def block_slots(row_group: jax.Array, n_groups: int, block: int) -> tuple[jax.Array, jax.Array]:
+    """Dropless packing into blocks of `block` rows that each belong to one group: every row's flat slot (rows of
+    one group contiguous, each group padded to whole blocks; g * ... one past the end for rows of group g, not
+    here) and every block's group, over the static bound of ceil(r / block) + g blocks (spare blocks: group 0,
+    empty)."""
+    n_blocks = -(-row_group.size // block) + n_groups
+    order = jnp.argsort(row_group, stable=True)
+    sorted_group = row_group[order]
+    counts = jnp.bincount(row_group, length=n_groups + 1)[:n_groups]
+    padded = -(-counts // block) * block
+    padded_ends = jnp.cumsum(padded)
+    rank = jnp.arange(row_group.size) - (jnp.cumsum(counts) - counts)[jnp.minimum(sorted_group, n_groups - 1)]
+    here = sorted_group < n_groups
+    slot_sorted = jnp.where(here, (padded_ends - padded)[jnp.minimum(sorted_group, n_groups - 1)] + rank,
+                            n_blocks * block)
+    block_group = jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * block, side="right")
+    return jnp.zeros_like(slot_sorted).at[order].set(slot_sorted), jnp.where(block_group < n_groups, block_group, 0)
+
+
+def blocked(w: FFN, rows: jax.Array, row_group: jax.Array, block: int = BLOCK_ROWS) -> tuple[jax.Array, jax.Array]:
+    """The dropless grouped matmul as one batched einsum: rows packed into single-group blocks (`block_slots`),
+    each block through its group's weights (gathered per block). Computes at most r + g * block rows where exact
+    capacity buffers compute g * r: on CPU, where ragged_dot is slow, the exact alternative to capacity padding."""
+    n_groups = w.gate.shape[0]
+    block = max(1, min(block, -(-row_group.size // n_groups)))
+    slot, block_group = block_slots(row_group, n_groups, block)
+    n_blocks = block_group.shape[0]
+    per_block = FFN(w.gate[block_group], w.up[block_group], w.down[block_group], w.limit)
+    out = from_buffers(ffn_buffers(per_block, to_buffers(rows, slot, n_blocks, block)), slot)
+    return out, slot < n_blocks * block
 
 
 def grouped(w: FFN, rows: jax.Array, row_group: jax.Array, impl: MoeImpl, cap: int) -> tuple[jax.Array, jax.Array]:
@@ -286,8 +324,11 @@ def _local(cfg: ModelConfig, impl: MoeImpl, w: FFN, x, weights, indices) -> Disp
     if impl is MoeImpl.DENSE:
         y, kept = _dense(w, flat, weights.reshape(b * t, k), indices.reshape(b * t, k)), None
     else:
-        cap = capacity(cfg, b * t)
-        out, kept = grouped(w, assignment_rows(flat, k), indices.reshape(-1), impl, cap)
+        rows, row_group = assignment_rows(flat, k), indices.reshape(-1)
+        if impl is MoeImpl.EINSUM and cfg.capacity_factor is None:  # exact: blocks, not g x tokens of buffers
+            out, kept = blocked(w, rows, row_group)
+        else:
+            out, kept = grouped(w, rows, row_group, impl, capacity(cfg, b * t))
         y = combine(out, weights.reshape(b * t, k))
     dropped = jnp.zeros(indices.shape, bool) if kept is None else ~kept.reshape(indices.shape)
     return Dispatched(y.reshape(b, t, d), dropped, jnp.zeros((), jnp.float32))
