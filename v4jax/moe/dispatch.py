@@ -110,10 +110,11 @@ BLOCK_ROWS = 128
 
 def block_slots(row_group: jax.Array, n_groups: int, block: int) -> tuple[jax.Array, jax.Array]:
     """Dropless packing into blocks of `block` rows that each belong to one group: every row's flat slot (rows of
-    one group contiguous, each group padded to whole blocks; g * ... one past the end for rows of group g, not
-    here) and every block's group, over the static bound of ceil(r / block) + g blocks (spare blocks: group 0,
-    empty)."""
-    n_blocks = -(-row_group.size // block) + n_groups
+    one group contiguous, each group padded to whole blocks; one past the end for rows of group g, not here) and
+    every block's group. Padding adds under one block per non-empty group, so ceil((r + min(g, r) * (block - 1))
+    / block) blocks always suffice (spare blocks: group 0, empty); at decode (block 1) that is r, one per row."""
+    r = row_group.size
+    n_blocks = -(-(r + min(n_groups, r) * (block - 1)) // block)
     order = jnp.argsort(row_group, stable=True)
     sorted_group = row_group[order]
     counts = jnp.bincount(row_group, length=n_groups + 1)[:n_groups]
