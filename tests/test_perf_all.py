@@ -1,14 +1,17 @@
-"""The performance suite (`python -m train.bench all`, `v4jax.perf`): its quick run end to end, and the workload
-config (`configs/bench_tiny_v4`) against the shapes the peers were measured on."""
+"""The performance suite (`python -m train.bench all`, `v4jax.perf`): its quick run end to end, the workload config
+(`configs/bench_tiny_v4`) against the shapes the peers were measured on, the hidden-1024 train configs, the decode
+step's byte count and the transformers subprocess' failure path."""
 
 import contextlib
 import dataclasses
 import io
 import json
+import math
 
+import numpy as np
 import pytest
 
-from configs import bench_tiny_v4
+from configs import bench_hybrid_1024, bench_tiny_v4, bench_v4_1024
 from train import bench as cli
 from v4jax import cost, hf_v4, perf
 
@@ -61,6 +64,54 @@ def test_bench_tiny_v4_parameter_count_matches_transformers():
     assert total == sum(p.numel() for p in reference.parameters()) == 27_167_315
 
 
+def test_bench_1024_configs():
+    """The two hidden-1024 train workloads: the architectures they name, at hidden 1024, batch 4 x 512."""
+    v4, hybrid = bench_v4_1024.config(), bench_hybrid_1024.config()
+    for run in (v4, hybrid):
+        assert run.model.hidden_size == 1024 and run.model.vocab_size <= 32_768
+        assert (run.train.batch_size, run.train.seq_len, run.train.optimizer.value) == (4, 512, "adamw")
+        assert (run.model.dtype, run.train.compute_dtype, run.model.num_nextn_predict_layers) == ("float32",) * 2 + (0,)
+        assert not run.model.scan_layers and run.model.moe_impl.value == "einsum" and run.model.capacity_factor
+    cfg = v4.model
+    assert set(cfg.explicit_pattern) == {"W", "C", "H"} and cfg.hc_mult == 4 and cfg.first_hash_layers >= 1
+    assert [s.mlp.value for s in cfg.layers][:cfg.first_hash_layers] == ["hash"] * cfg.first_hash_layers
+    cfg = hybrid.model
+    assert set(cfg.explicit_pattern) == {"M", "S"} and cfg.hc_mult == 1 and cfg.n_routed_experts > 0
+    assert perf.CONFIGS_1024 == ("bench_v4_1024", "bench_hybrid_1024")
+
+
+def test_decode_read_bytes_counts_active_weights_and_the_cache():
+    cfg = bench_tiny_v4.model()
+    reads = perf.decode_read_bytes(cfg, 320)
+    total, active = cost.params(cfg)
+    w = reads["weights"]
+    assert w["embedding"] == 4 * cfg.hidden_size  # one looked-up row of the untied table
+    assert reads["weights_bytes"] == sum(w.values()) == 4 * active + 4 * cfg.hidden_size
+    assert w["head"] == 4 * cfg.vocab_size * cfg.hidden_size
+    routed = cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    skipped = (cfg.n_routed_experts - cfg.num_experts_per_tok) * routed // cfg.n_routed_experts
+    assert reads["weights_all_experts_bytes"] - reads["weights_bytes"] == 4 * cfg.num_hidden_layers * skipped
+    fmt = cost.plain_format(np.dtype("float32"))
+    assert reads["cache_bytes"] == cost.kv_cache_bytes(cfg, 320, fmt, include_state=True) > 0
+    assert reads["bytes"] == reads["weights_bytes"] + reads["cache_bytes"]
+
+
+def test_transformers_peer_failure_is_a_clear_skip(monkeypatch):
+    """A child that dies gives {"skipped": ...} naming its exit code and its last stderr lines."""
+    monkeypatch.setattr(perf.hf, "save", lambda *args: None)
+    monkeypatch.setattr(perf, "_peer_source", lambda: "import sys\nprint('no weights here', file=sys.stderr)\n"
+                                                      "sys.exit(3)\n")
+    relayed = []
+    out = perf.transformers_peer(perf.workload(quick=True), None, repeats=1, prompt=4, new_tokens=2,
+                                 progress=relayed.append)
+    assert set(out) == {"skipped"}
+    assert "exited with code 3" in out["skipped"] and "no weights here" in out["skipped"]
+    assert "no weights here" in relayed  # the child's stderr is relayed as progress
+    monkeypatch.setattr(perf, "_peer_source", lambda: "print('not json')\n")
+    out = perf.transformers_peer(perf.workload(quick=True), None, repeats=1, prompt=4, new_tokens=2)
+    assert "printed no JSON" in out["skipped"] and "not json" in out["skipped"]
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_all")
@@ -75,37 +126,71 @@ def test_all_quick_writes_the_figures(quick):
     for key in ("quick", "workload", "cpu", "v4jax", "transformers", "maxtext", "ratios", "targets", "markdown"):
         assert key in r, key
     assert r["quick"] is True and r["workload"]["config"] == "bench_tiny_v4"
-    assert r["cpu"]["peak_flops"] == max(r["cpu"]["peak_measurements"]) > 0
+    cpu = r["cpu"]
+    assert cpu["peak_flops"] == max(cpu["peak_measurements"]) > 0
+    assert cpu["memory_bandwidth"] == max(cpu["bandwidth_measurements"]) > 1e8  # bytes/s
     train, fwd, dec = r["v4jax"]["train"], r["v4jax"]["forward"], r["v4jax"]["decode"]
     assert train["tokens_per_s"] > 0 and fwd["tokens_per_s"] > 0 and dec["ms_per_token"] > 0
     assert train["compile_s"] > 0
     assert 0 < train["mfu"] < 1
-    assert train["mfu"] == pytest.approx(train["flops_per_step"] / train["step_time_s"] / r["cpu"]["peak_flops"])
+    assert train["mfu"] == pytest.approx(train["flops_per_step"] / train["step_time_s"] / cpu["peak_flops"])
+    # the decode roofline: bytes read over the bandwidth measured in this run
+    reads = dec["read_bytes"]
+    assert reads["context"] == dec["prompt"] + dec["new_tokens"]
+    assert reads["cache_bytes"] == reads["cache_bytes_decoded"] > 0  # the shapes' bytes are the decoded cache's
+    assert reads["bytes"] == reads["weights_bytes"] + reads["cache_bytes"] > reads["cache_bytes"]
+    assert dec["bound_ms"] > 0
+    assert dec["bound_ms"] == pytest.approx(1e3 * reads["bytes"] / cpu["memory_bandwidth"])
+    assert dec["bound_all_experts_ms"] > dec["bound_ms"]
+    assert dec["over_bound"] == pytest.approx(dec["ms_per_token"] / dec["bound_ms"])
+    # the hidden-1024 train rows (shrunk in a quick run)
+    trains = r["v4jax"]["train_1024"]
+    assert list(trains) == list(perf.CONFIGS_1024)
+    for t in trains.values():
+        assert t["tokens_per_s"] > 0 and t["step_time_s"] > 0 and t["compile_s"] > 0 and t["flops_per_step"] > 0
+        assert 0 < t["mfu"] < 1
+        assert t["mfu"] == pytest.approx(t["flops_per_step"] / t["step_time_s"] / cpu["peak_flops"])
+        assert t["tokens_per_s"] == pytest.approx(t["batch"] * t["seq"] / t["step_time_s"])
+    assert set(trains["bench_v4_1024"]["pattern"]) == {"C", "H"}
+    assert set(trains["bench_hybrid_1024"]["pattern"]) == {"M", "S"}
+    # transformers, measured in a fresh subprocess: finite figures on the same model and ids, or a clear skip
     peer = r["transformers"]
-    assert peer["forward"]["tokens_per_s"] > 0 and peer["train"]["tokens_per_s"] > 0
-    assert peer["decode"]["ms_per_token"] > 0
-    assert peer["params"] == r["workload"]["params"]  # the same model, exported from ours
+    if "skipped" in peer:
+        assert len(peer["skipped"]) > 20 and set(peer) == {"skipped"}
+    else:
+        figures = [peer["forward"]["tokens_per_s"], peer["train"]["tokens_per_s"], peer["decode"]["ms_per_token"]]
+        assert all(math.isfinite(f) and f > 0 for f in figures)
+        assert peer["params"] == r["workload"]["params"]  # the same model, exported from ours
+        assert peer["jax_imported"] is False and "subprocess" in peer["process"]
+        assert peer["decode"]["prompt"] == dec["prompt"] and peer["decode"]["new_tokens"] == dec["new_tokens"]
     ratios = r["ratios"]
-    assert ratios["forward_vs_transformers"] == pytest.approx(fwd["tokens_per_s"] / peer["forward"]["tokens_per_s"])
-    assert ratios["train_vs_transformers"] == pytest.approx(train["tokens_per_s"] / peer["train"]["tokens_per_s"])
-    assert ratios["decode_transformers_over_v4jax"] == pytest.approx(peer["decode"]["ms_per_token"] /
-                                                                     dec["ms_per_token"])
+    if "skipped" not in peer:
+        assert ratios["forward_vs_transformers"] == pytest.approx(fwd["tokens_per_s"] /
+                                                                  peer["forward"]["tokens_per_s"])
+        assert ratios["train_vs_transformers"] == pytest.approx(train["tokens_per_s"] / peer["train"]["tokens_per_s"])
+        assert ratios["decode_transformers_over_v4jax"] == pytest.approx(peer["decode"]["ms_per_token"] /
+                                                                         dec["ms_per_token"])
     assert ratios["train_vs_maxtext"] == pytest.approx(train["tokens_per_s"] / 328.0)
     assert ratios["forward_vs_transformers_recorded"] == pytest.approx(fwd["tokens_per_s"] / 952.0)
     assert ratios["decode_transformers_recorded_over_v4jax"] == pytest.approx(62.0 / dec["ms_per_token"])
     mt = r["maxtext"]
     assert ("skipped" in mt and len(mt["skipped"]) > 20) or mt.get("train_tokens_per_s", 0) > 0
     targets = {t["name"]: t for t in r["targets"]}
-    assert len(targets) == 4
+    assert len(targets) == (3 if "skipped" in peer else 5) + len(perf.CONFIGS_1024)
     for t in targets.values():
         assert t["pass"] == (t["value"] >= t["target"] if t["op"] == ">=" else t["value"] <= t["target"])
     assert targets["decode ms/token <= 6"]["value"] == dec["ms_per_token"]
+    assert targets["decode within 2x of the bandwidth bound"]["value"] == dec["over_bound"]
+    for name, t in trains.items():
+        target = targets[f"train MFU >= 40% at hidden 1024 ({name})"]
+        assert (target["value"], target["target"], target["unit"]) == (t["mfu"], 0.4, "%")
     # the table: printed on stdout and written next to the JSON
     assert printed.strip() == r["markdown"] == (out / "bench.md").read_text().strip()
     rows = [line.split("|")[1].strip() for line in r["markdown"].splitlines() if line.startswith("| ")]
     assert rows == ["figure", *perf.ROWS]
     assert "MaxText: skipped: " in r["markdown"] or "MaxText: measured" in r["markdown"]
     assert "PASS" in r["markdown"] or "FAIL" in r["markdown"]
+    assert ">= 40%" in r["markdown"] and "<= x2" in r["markdown"] and "<= 6 ms" in r["markdown"]
 
 
 @pytest.mark.parametrize("argv", [["all"], ["all", "--out", "FILE"]])

@@ -45,11 +45,13 @@ and temp bytes, ms per forward and tokens/s, and the peak at the smallest contex
 ideal, with a verdict per row against the target (5x less at context 8 than at context 1; 5/8 of the ideal
 elsewhere). Every length must split over every context size, each shard a multiple of the config's compression
 ratios (16 for tiny-v4); on CPU the process gets max(--context) fake devices (`v4jax.attention.context_bench`).
-`all`: the performance suite on `configs/bench_tiny_v4` (MaxText's deepseek4-tiny shapes, batch 4 x 512) in one
-process: the CPU matmul peak, v4jax's train step (tokens/s, MFU, cold compile), forward and batch-1 greedy decode,
-transformers on the same weights (forward, AdamW train step, decode), MaxText (detected, else skipped with the
-reason; its recorded figure is used), the ratios and the issue's targets with pass/fail; writes DIR/bench.json and
-DIR/bench.md. `--quick`: a shrunk workload, about a minute (`v4jax.perf`).
+`all`: the performance suite on `configs/bench_tiny_v4` (MaxText's deepseek4-tiny shapes, batch 4 x 512): the CPU
+matmul peak and memory bandwidth, v4jax's train step (tokens/s, MFU, cold compile), forward and batch-1 greedy
+decode, the decode step against its bandwidth bound (active weights + cache bytes / measured bandwidth), the train
+step of two hidden-1024 configs (`configs/bench_v4_1024`, `configs/bench_hybrid_1024`: tokens/s, MFU), transformers
+on the same weights and token ids in a fresh subprocess (forward, AdamW train step, decode), MaxText (detected, else
+skipped with the reason; its recorded figure is used), the ratios and the issue's targets with pass/fail; writes
+DIR/bench.json and DIR/bench.md. `--quick`: shrunk workloads, about a minute or two (`v4jax.perf`).
 """
 
 from __future__ import annotations

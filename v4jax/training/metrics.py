@@ -165,6 +165,37 @@ def _cpu_peak() -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# memory bandwidth
+
+
+def measure_memory_bandwidth(mib: int = 256, repeats: int = 5, rounds: int = 3, device=None) -> float:
+    """Bytes/s a jitted streaming op sustains on `device` (default: this process's first CPU device): STREAM's
+    triad `x = x * 1.0001 + y` on two float32 buffers of `mib` MiB each, far larger than any cache, so every call
+    reads 2 x `mib` MiB from memory and writes `mib` MiB back. `x` is donated, so the result is written in place (no
+    fresh output buffer whose first-touch page faults would be timed). Counted bytes: 3 x `mib` MiB per call (read
+    x, read y, write x). Each of `rounds` rounds times `repeats` calls after one untimed warm-up (compile excluded)
+    and takes their median; the best round is returned (a busy moment on a shared machine lowers one round, not
+    the figure). XLA runs the fusion on the process's thread pool, as it does a decode step's weight reads, so this
+    is the process's rate, not one core's. Used for the decode roofline: bytes a step must read / this rate."""
+    if mib < 1 or repeats < 1 or rounds < 1:
+        raise ValueError(f"mib, repeats and rounds must be >= 1, got {mib}, {repeats}, {rounds}")
+    device = jax.local_devices(backend="cpu")[0] if device is None else device
+    n = mib * 2**20 // 4
+    x, y = (jax.device_put(np.full(n, value, np.float32), device) for value in (1.0, 0.5))
+    triad = jax.jit(lambda a, b: a * np.float32(1.0001) + b, donate_argnums=0).lower(x, y).compile()
+    x = jax.block_until_ready(triad(x, y))
+    best = math.inf
+    for _ in range(rounds):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x = jax.block_until_ready(triad(x, y))
+            times.append(time.perf_counter() - start)
+        best = min(best, float(np.median(times)))
+    return 3.0 * n * 4 / best
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # MoE statistics
 
 
