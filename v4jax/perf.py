@@ -53,7 +53,7 @@ from pathlib import Path
 
 import jax
 
-from v4jax import bench, cost, hf, model
+from v4jax import bench, cost, hf, model, perf_sparse, profiling
 from v4jax.serving import bench as serving_bench
 from v4jax.training import bench as train_bench
 from v4jax.training import metrics, overrides
@@ -80,9 +80,20 @@ FORWARD_SEED, PROMPT_SEED = 1, 0
 PEER_TIMEOUT_S = 3600.0
 
 FULL = {"train_steps": 5, "train_warmup": 1, "forward_repeats": 3, "hf_repeats": 3, "prompt": 256, "new_tokens": 64,
-        "train_steps_1024": 5}
+        "train_steps_1024": 5, "before_after_steps": 3}
 QUICK = {"train_steps": 2, "train_warmup": 1, "forward_repeats": 2, "hf_repeats": 1, "prompt": 32, "new_tokens": 8,
-         "train_steps_1024": 1}
+         "train_steps_1024": 1, "before_after_steps": 1}
+
+
+def before(run: RunConfig) -> RunConfig:
+    """`run` as the train step ran before the profile-driven fixes (README "Performance"): logits materialised
+    for a plain log-softmax (`loss_chunk=0`), 128-query attention blocks, and exact MoE capacity as e x tokens
+    buffers (capacity factor e / k: a capacity of every token, the same buffers the exact einsum path built
+    before single-expert blocks)."""
+    cfg = run.model
+    old_model = cfg.replace(attention_block_size=128,
+                            capacity_factor=cfg.n_routed_experts / cfg.num_experts_per_tok)
+    return RunConfig(old_model, dataclasses.replace(run.train, loss_chunk=0))
 
 
 def workload(quick: bool = False) -> RunConfig:
@@ -442,8 +453,11 @@ def run_all(out_dir: str | os.PathLike, quick: bool = False, progress: Callable[
                              "batch": run_1024.train.batch_size, "seq": run_1024.train.seq_len,
                              "params": n_total, "active_params": n_active, **_train_figures(t)}
 
-    # --- v4jax/perf_sparse.py (another change) plugs in here: result["sparse"] = perf_sparse.run(quick, progress),
-    # its perf_sparse.markdown(...) appended to the table's notes in `markdown` below.
+    say("before / after the profile-driven fixes: the train step both ways, interleaved ...")
+    before_after = profiling.compare({"before": before(run), "after": run}, steps=sizes["before_after_steps"],
+                                     progress=progress)
+    say("sparse scaling per layer kind and the 1M-token cache ...")
+    sparse = perf_sparse.run(quick, progress)
 
     maxtext = maxtext_status()
     say(f"MaxText: skipped: {maxtext['skipped']}" if "skipped" in maxtext else "MaxText: measured")
@@ -491,7 +505,7 @@ def run_all(out_dir: str | os.PathLike, quick: bool = False, progress: Callable[
                   "train_1024": trains_1024},
         "transformers": peer, "transformers_recorded": TRANSFORMERS_RECORDED,
         "maxtext": maxtext, "maxtext_recorded": MAXTEXT_RECORDED,
-        "ratios": ratios, "targets": targets,
+        "ratios": ratios, "targets": targets, "before_after": before_after, "sparse": sparse,
     }
     result["seconds"] = time.perf_counter() - started
     result["markdown"] = markdown(result)
@@ -595,4 +609,17 @@ def markdown(result: dict) -> str:
         f"- ratios: v4jax / transformers tokens/s for forward and train, transformers / v4jax ms per token for "
         f"decode, v4jax ms per token / the bandwidth bound; total {result['seconds']:.0f} s",
     ]
+    ba = result.get("before_after")
+    if ba:
+        b, a = ba["before"], ba["after"]
+        lines += ["", "Before / after the profile-driven fixes (`perf.before`: plain log-softmax over materialised "
+                      "logits, 128-query attention blocks, e x tokens MoE buffers), train steps interleaved:", "",
+                  "| train step | s/step | tokens/s | vs MaxText (recorded) | cold compile s |", "|---|---|---|---|---|",
+                  *(f"| {label} | {x['step_s']:.3f} | {x['tokens_per_s']:,.0f} | "
+                    f"x{x['tokens_per_s'] / MAXTEXT_RECORDED['train_tokens_per_s']:.2f} | {x['compile_s']:.1f} |"
+                    for label, x in (("before", b), ("after", a))),
+                  f"| after / before | x{a['step_s'] / b['step_s']:.2f} | x{a['tokens_per_s'] / b['tokens_per_s']:.2f}"
+                  f" | | |"]
+    if result.get("sparse"):
+        lines += ["", perf_sparse.markdown(result["sparse"])]
     return "\n".join(lines)
