@@ -38,3 +38,17 @@ def test_train_bench_bad_input_is_one_line_and_exit_2(capsys, argv, message):
         cli.main(["train", *argv])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "--config", "nope", "--out", "/tmp/x"], "unknown config 'nope'"),
+    (["profile", "--config", "tiny_v3", "--out", "/tmp/x", "--depth", "0"], "--depth and --rows must be >= 1"),
+    (["profile", "--config", "tiny_v3", "--out", "/dev/null/x"], "--out '/dev/null/x'"),
+    (["compare", "--config", "tiny_v3", "--b", "train.lr=1"], "TrainConfig has no field 'lr'"),
+    (["compare", "--config", "tiny_v3", "--steps", "0"], "--steps must be >= 1"),
+])
+def test_profile_and_compare_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -20,6 +20,9 @@
 
     python -m train.bench all --out DIR [--quick]
 
+    python -m train.bench profile --config bench_tiny_v4 --out DIR [--depth 3] [--rows 25] [--set key=value ...]
+    python -m train.bench compare --config bench_tiny_v4 --a "train.loss_chunk=0" --b "" [--steps 3]
+
 Prints Markdown tables on stdout (progress on stderr).
 `forward`: whole-model forward tokens/s, the split of attention time between `M` (full MLA) and `S`
 (sliding-window MLA) layers, and one S layer's cost relative to one M layer at `--layer-seq` tokens next to the
@@ -50,8 +53,15 @@ matmul peak and memory bandwidth, v4jax's train step (tokens/s, MFU, cold compil
 decode, the decode step against its bandwidth bound (active weights + cache bytes / measured bandwidth), the train
 step of two hidden-1024 configs (`configs/bench_v4_1024`, `configs/bench_hybrid_1024`: tokens/s, MFU), transformers
 on the same weights and token ids in a fresh subprocess (forward, AdamW train step, decode), MaxText (detected, else
-skipped with the reason; its recorded figure is used), the ratios and the issue's targets with pass/fail; writes
-DIR/bench.json and DIR/bench.md. `--quick`: shrunk workloads, about a minute or two (`v4jax.perf`).
+skipped with the reason; its recorded figure is used), the ratios and the issue's targets with pass/fail, the train
+step before and after the profile-driven fixes (`perf.before`, interleaved), and the sparse-scaling section (time
+and memory per layer kind at 2K-32K tokens, the 1M-token V4-Flash cache against a V3 MLA stack:
+`v4jax.perf_sparse`); writes DIR/bench.json and DIR/bench.md. `--quick`: shrunk workloads, about a minute or two
+(`v4jax.perf`); a full run takes about 25 minutes on 2 cores.
+`profile`: one train step of a `configs/` run under `jax.profiler` (a Perfetto trace in DIR/trace, the step's HLO
+in DIR), op time summed per named scope, forward and backward apart (`v4jax.profiling`).
+`compare`: two variants of a `configs/` run (`--a`, `--b`: `;`-separated overrides), their train steps
+interleaved in one process, median step time and the ratio b / a: what survives a shared machine's noise.
 """
 
 from __future__ import annotations
@@ -148,11 +158,26 @@ def _parser():
     ctx.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the median is reported)")
     ctx.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
+    prof = commands.add_parser("profile", help="a train step's jax.profiler trace, op time summed per named scope")
+    prof.add_argument("--config", required=True, help="a module in configs/ (bench_tiny_v4, bench_cpu, ...)")
+    prof.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    prof.add_argument("--out", required=True, metavar="DIR", help="directory for the trace and the step's HLO")
+    prof.add_argument("--depth", type=int, default=3, help="scope levels to group by (default 3)")
+    prof.add_argument("--rows", type=int, default=25, help="scopes to print (default 25)")
+    prof.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    cmp_ = commands.add_parser("compare", help="two variants of a run's train step, timed interleaved")
+    cmp_.add_argument("--config", required=True, help="a module in configs/")
+    cmp_.add_argument("--a", default="", metavar="K=V;K=V", help="overrides of variant a (';'-separated)")
+    cmp_.add_argument("--b", default="", metavar="K=V;K=V", help="overrides of variant b (';'-separated)")
+    cmp_.add_argument("--steps", type=int, default=3, help="timed steps per variant (the median is reported)")
+    cmp_.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
     suite = commands.add_parser("all", help="the performance suite: v4jax vs transformers (and MaxText) on "
                                             "configs/bench_tiny_v4, ratios and targets")
     suite.add_argument("--out", required=True, metavar="DIR", help="directory for bench.json and bench.md")
     suite.add_argument("--quick", action="store_true",
-                       help="a shrunk workload (about a minute; verdicts meaningless)")
+                       help="shrunk workloads (about a minute or two; verdicts meaningless)")
     return parser
 
 
@@ -370,6 +395,49 @@ def _context(parser, args) -> int:
     return 0
 
 
+def _runs(parser, args, variants: dict[str, list[str]]):
+    from v4jax.training import overrides
+
+    try:
+        base = overrides.load_config(args.config)
+        return {label: overrides.apply(base, assignments) for label, assignments in variants.items()}
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(" ".join(line.strip() for line in str(error).splitlines()))
+
+
+def _profile(parser, args) -> int:
+    from v4jax import bench, profiling
+
+    if args.depth < 1 or args.rows < 1:
+        parser.error(f"--depth and --rows must be >= 1, got {args.depth} and {args.rows}")
+    run = _runs(parser, args, {"run": args.set})["run"]
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out!r}: {e.strerror or e}")
+    result = profiling.profile_train_step(run, args.out, depth=args.depth, name=args.config,
+                                          progress=bench.stderr_progress)
+    print(profiling.profile_markdown(result, args.rows))
+    _write_json(args.json, result)
+    return 0
+
+
+def _compare(parser, args) -> int:
+    from v4jax import bench, profiling
+
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    split = {label: [x.strip() for x in text.split(";") if x.strip()] for label, text in (("a", args.a),
+                                                                                          ("b", args.b))}
+    result = profiling.compare(_runs(parser, args, split), steps=args.steps, progress=bench.stderr_progress)
+    print("| variant | overrides | s/step | tokens/s | vs a | compile s |\n|---|---|---|---|---|---|")
+    for label, r in result.items():
+        print(f"| {label} | {'; '.join(split[label]) or '(none)'} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+              f"x{r['vs_first']:.3f} | {r['compile_s']:.1f} |")
+    _write_json(args.json, result)
+    return 0
+
+
 def _all(parser, args) -> int:
     from v4jax import bench, perf
 
@@ -410,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(parser, args)
     if args.command == "all":
         return _all(parser, args)
+    if args.command == "profile":
+        return _profile(parser, args)
+    if args.command == "compare":
+        return _compare(parser, args)
     if args.config not in config.PRESETS:
         parser.error(f"unknown preset {args.config!r}; known: {', '.join(sorted(config.PRESETS))}")
     if args.command == "attention":
