@@ -176,7 +176,9 @@ def test_all_quick_writes_the_figures(quick):
     mt = r["maxtext"]
     assert ("skipped" in mt and len(mt["skipped"]) > 20) or mt.get("train_tokens_per_s", 0) > 0
     targets = {t["name"]: t for t in r["targets"]}
-    assert len(targets) == (3 if "skipped" in peer else 5) + len(perf.CONFIGS_1024)
+    assert len(targets) == (4 if "skipped" in peer else 6) + len(perf.CONFIGS_1024)
+    compile_target = targets["cold compile <= MaxText's"]
+    assert (compile_target["value"], compile_target["target"]) == (train["compile_s"], 33.0)
     for t in targets.values():
         assert t["pass"] == (t["value"] >= t["target"] if t["op"] == ">=" else t["value"] <= t["target"])
     assert targets["decode ms/token <= 6"]["value"] == dec["ms_per_token"]
@@ -186,8 +188,18 @@ def test_all_quick_writes_the_figures(quick):
         assert (target["value"], target["target"], target["unit"]) == (t["mfu"], 0.4, "%")
     # the table: printed on stdout and written next to the JSON
     assert printed.strip() == r["markdown"] == (out / "bench.md").read_text().strip()
-    rows = [line.split("|")[1].strip() for line in r["markdown"].splitlines() if line.startswith("| ")]
+    first_table = r["markdown"].split("\n\n")[1]
+    rows = [line.split("|")[1].strip() for line in first_table.splitlines() if line.startswith("| ")]
     assert rows == ["figure", *perf.ROWS]
+    # before / after the profile-driven fixes, interleaved in this run; the sparse-scaling section
+    ba = r["before_after"]
+    assert list(ba) == ["before", "after"] and ba["before"]["vs_first"] == 1.0
+    assert all(x["step_s"] > 0 and x["compile_s"] > 0 for x in ba.values())
+    assert ba["after"]["loss"] == pytest.approx(ba["before"]["loss"], rel=1e-3)  # the same model, step for step
+    assert "| after / before |" in r["markdown"]
+    sparse = r["sparse"]
+    assert sparse["cache_1m"]["v4"]["bytes"] < sparse["cache_1m"]["v3"]["bytes"]
+    assert "V3 MLA / V4-Flash" in r["markdown"]
     assert "MaxText: skipped: " in r["markdown"] or "MaxText: measured" in r["markdown"]
     assert "PASS" in r["markdown"] or "FAIL" in r["markdown"]
     assert ">= 40%" in r["markdown"] and "<= x2" in r["markdown"] and "<= 6 ms" in r["markdown"]

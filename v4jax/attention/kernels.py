@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from v4jax.attention import mask as masks
+from v4jax.layers.chunks import from_chunks, to_chunks
 
 _NEG = -1e30  # finite "minus infinity": keeps exp() and max() NaN-free on fully masked rows
 
@@ -68,28 +69,16 @@ def _pad_time(x: jax.Array, length: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _blocks(x: jax.Array, block: int) -> jax.Array:
-    """[b, c*block, ...] -> [c, b, block, ...]."""
-    b, t = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, t // block, block, *x.shape[2:]), 1, 0)
-
-
-def _unblock(x: jax.Array) -> jax.Array:
-    """[c, b, block, ...] -> [b, c*block, ...]."""
-    c, b, block = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(b, c * block, *x.shape[3:])
-
-
 def blockwise(q, k, v, segment_ids, scale: float, block: int, *, q_index=None, k_index=None,
               k_segment_ids=None) -> jax.Array:
     b, t, n, _ = q.shape
     q_index, k_index, k_segment_ids = _defaults(q, k, segment_ids, q_index, k_index, k_segment_ids)
     block = min(block, t)
     padded, k_padded = (math.ceil(x.shape[1] / block) * block for x in (q, k))
-    segb = _blocks(_pad_time(segment_ids, padded, -1), block)
-    k_segb = _blocks(_pad_time(k_segment_ids, k_padded, -1), block)
-    qb = _blocks(_pad_time(q, padded), block)
-    kb, vb = (_blocks(_pad_time(x, k_padded), block) for x in (k, v))
+    segb = to_chunks(_pad_time(segment_ids, padded, -1), block)
+    k_segb = to_chunks(_pad_time(k_segment_ids, k_padded, -1), block)
+    qb = to_chunks(_pad_time(q, padded), block)
+    kb, vb = (to_chunks(_pad_time(x, k_padded), block) for x in (k, v))
     q_indexb = _pad_index(q_index, padded).reshape(-1, block)
     k_indexb = _pad_index(k_index, k_padded, _FAR).reshape(-1, block)
 
@@ -118,7 +107,7 @@ def blockwise(q, k, v, segment_ids, scale: float, block: int, *, q_index=None, k
         return jnp.einsum("bntv->btnv", out).astype(v.dtype)
 
     out = jax.lax.map(lambda args: query_block(*args), (qb, segb, q_indexb))
-    return _unblock(out)[:, :t]
+    return from_chunks(out)[:, :t]
 
 
 def banded(q, k, v, segment_ids, scale: float, window: int, block: int, *, q_index=None, k_index=None,
@@ -130,7 +119,7 @@ def banded(q, k, v, segment_ids, scale: float, window: int, block: int, *, q_ind
     padded = math.ceil(t / block) * block
     reach = math.ceil((window - 1) / block) * block  # keys before a query block that its window can touch
     kp, vp, segp, k_indexp = _band_keys((k, v), k_segment_ids, k_index, t, padded, reach)
-    qb, segb = _blocks(_pad_time(q, padded), block), _blocks(_pad_time(segment_ids, padded, -1), block)
+    qb, segb = to_chunks(_pad_time(q, padded), block), to_chunks(_pad_time(segment_ids, padded, -1), block)
     q_indexb = _pad_index(q_index, padded).reshape(-1, block)
     width = reach + block
 
@@ -145,7 +134,7 @@ def banded(q, k, v, segment_ids, scale: float, window: int, block: int, *, q_ind
         return jnp.einsum("bnts,bsnv->btnv", probs.astype(v_i.dtype), v_i)
 
     out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(qb.shape[0]), qb, segb, q_indexb))
-    return _unblock(out)[:, :t]
+    return from_chunks(out)[:, :t]
 
 
 def _band_keys(values, k_segment_ids, k_index, t: int, padded: int, reach: int):
@@ -312,7 +301,8 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
     padded = math.ceil(t / block) * block
     reach = math.ceil((window - 1) / block) * block
     kvp, segp, k_indexp = _band_keys((kv,), k_segment_ids, k_index, t, padded, reach)
-    per_block = {"q": _blocks(_pad_time(q, padded), block), "seg": _blocks(_pad_time(segment_ids, padded, -1), block),
+    per_block = {"q": to_chunks(_pad_time(q, padded), block),
+                 "seg": to_chunks(_pad_time(segment_ids, padded, -1), block),
                  "index": _pad_index(q_index, padded).reshape(-1, block)}
     if compressed is not None:
         w = compressed.entries.shape[1]
@@ -320,9 +310,10 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
         chunk = min(chunk or max(block, k), w)
         chunks = math.ceil(w / chunk)
         # [chunks, b, chunk, ...]; padded entries carry a segment no query has
-        entry_chunks = {"seg": _blocks(_pad_time(compressed.entry_segment, chunks * chunk, INVALID_SEGMENT), chunk)}
+        entry_chunks = {"seg": to_chunks(_pad_time(compressed.entry_segment, chunks * chunk, INVALID_SEGMENT),
+                                         chunk)}
         if compressed.selection is None:
-            entry_chunks["entries"] = _blocks(_pad_time(compressed.entries, chunks * chunk), chunk)
+            entry_chunks["entries"] = to_chunks(_pad_time(compressed.entries, chunks * chunk), chunk)
         else:
             sel = jax.lax.stop_gradient(compressed.selection)
             span = min(math.ceil(max(span or SPAN_TOPKS * k, k) / chunk), chunks) * chunk
@@ -330,9 +321,9 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
             gather = max(1, min(gather or GATHER_BYTES // row, block))
             while block % gather:
                 gather -= 1
-            entry_chunks["keys"] = _blocks(_pad_time(sel.keys, chunks * chunk), chunk)
-            per_block["index_q"] = _blocks(_pad_time(sel.queries, padded), block)
-            per_block["index_w"] = _blocks(_pad_time(sel.weights, padded), block)
+            entry_chunks["keys"] = to_chunks(_pad_time(sel.keys, chunks * chunk), chunk)
+            per_block["index_q"] = to_chunks(_pad_time(sel.queries, padded), block)
+            per_block["index_w"] = to_chunks(_pad_time(sel.weights, padded), block)
 
     @jax.checkpoint
     def query_block(i, inputs):
@@ -356,7 +347,7 @@ def v4_blockwise(q, kv, segment_ids, sinks, scale: float, window: int, block: in
         return jnp.einsum("bntc->btnc", acc / l[..., None]).astype(kv.dtype)
 
     out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(padded // block), per_block))
-    return _unblock(out)[:, :t]
+    return from_chunks(out)[:, :t]
 
 
 def _merge(a, b):
@@ -382,7 +373,7 @@ def _topk_state(q, entries, chosen, real, scale: float, sub: int):
     if sub >= q.shape[1]:
         m, l, acc = part(q, chosen, real)
     else:
-        m, l, acc = (_unblock(x) for x in jax.lax.map(lambda a: part(*a), tuple(_blocks(x, sub) for x in
+        m, l, acc = (from_chunks(x) for x in jax.lax.map(lambda a: part(*a), tuple(to_chunks(x, sub) for x in
                                                                                (q, chosen, real))))
     return jnp.einsum("btn->bnt", m), jnp.einsum("btn->bnt", l), jnp.einsum("btnc->bntc", acc)
 

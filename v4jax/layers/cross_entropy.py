@@ -18,16 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def _chunks(x: jax.Array, size: int) -> jax.Array:
-    """[b, t, ...] -> [t / c, b, c, ...]: scanning over positions keeps the batch axis (and its sharding) whole."""
-    b, t = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, t // size, size, *x.shape[2:]), 1, 0)
-
-
-def _unchunk(x: jax.Array) -> jax.Array:
-    n, b, c = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+from v4jax.layers.chunks import from_chunks, to_chunks
 
 
 def _logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -42,8 +33,8 @@ def _forward(h, kernel, targets, size):
         target_logit = jnp.take_along_axis(logits, targets_c[..., None], axis=-1)[..., 0]
         return None, (log_z - target_logit, log_z)
 
-    _, (ce, log_z) = jax.lax.scan(one, None, (_chunks(h, size), _chunks(targets, size)))
-    return _unchunk(ce), _unchunk(log_z)
+    _, (ce, log_z) = jax.lax.scan(one, None, (to_chunks(h, size), to_chunks(targets, size)))
+    return from_chunks(ce), from_chunks(log_z)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -72,9 +63,9 @@ def _fused_bwd(size, residuals, cotangents):
         d_kernel = d_kernel + jnp.einsum("bcd,bcv->dv", h_c, d_logits, preferred_element_type=jnp.float32)
         return d_kernel, d_h.astype(h.dtype)
 
-    chunks = tuple(_chunks(x, size) for x in (h, targets, log_z, d_ce, d_log_z))
+    chunks = tuple(to_chunks(x, size) for x in (h, targets, log_z, d_ce, d_log_z))
     d_kernel, d_h = jax.lax.scan(one, jnp.zeros(kernel.shape, jnp.float32), chunks)
-    return _unchunk(d_h), d_kernel.astype(kernel.dtype), None
+    return from_chunks(d_h), d_kernel.astype(kernel.dtype), None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
