@@ -4,6 +4,7 @@ normal training loop into CSV + report, restart skipping, and the CPU sweep's ra
 import csv
 import dataclasses
 
+import jax
 import pytest
 
 from v4jax.ablation import report, sweep
@@ -121,3 +122,14 @@ def test_cpu_sweep_ranking_holds_in_reduced_form(tmp_path):
     for seed in (0, 1):
         assert accuracy["MSSS", seed] > 0.9, accuracy
         assert accuracy["SSSS", seed] < 0.25, accuracy
+
+
+def test_shared_compiles_leave_no_persistent_cache_behind(tmp_path):
+    """The sweep's cache is for the sweep: JAX remembers whether a cache is in use, so the sweep must make it forget."""
+    from jax._src import compilation_cache as cc
+
+    backend = jax.devices()[0].client
+    assert jax.config.jax_compilation_cache_dir is None and not cc.is_cache_used(backend)
+    with sweep._shared_compiles(tmp_path / "cache"):
+        assert cc.is_cache_used(backend) and jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    assert jax.config.jax_compilation_cache_dir is None and not cc.is_cache_used(backend)

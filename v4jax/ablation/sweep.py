@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from v4jax import cost, model
 from v4jax.ablation import tasks
@@ -249,17 +250,25 @@ def train_and_score(sweep: Sweep, variant: Variant, seed: int, workdir: Path) ->
 @contextlib.contextmanager
 def _shared_compiles(directory: Path):
     """Seeds of a variant compile the same programs: keep them in JAX's persistent cache for the sweep (unless the
-    user set a cache) so that only the first seed pays for compiling; the settings are restored afterwards."""
+    user set a cache) so that only the first seed pays for compiling; the settings are restored afterwards.
+
+    JAX decides once per process whether the cache is in use (`is_cache_used` remembers its first answer), so
+    restoring the settings alone would leave every later compile of the process writing to the sweep's directory:
+    `reset_cache` makes it decide again, before and after."""
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     before = {name: getattr(jax.config, name) for name in names}
-    if before["jax_compilation_cache_dir"] is None:
-        jax.config.update(names[0], str(directory))
-        jax.config.update(names[1], 0.5)
+    if before["jax_compilation_cache_dir"] is not None:
+        yield
+        return
+    jax.config.update(names[0], str(directory))
+    jax.config.update(names[1], 0.5)
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 def run(sweep: Sweep, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
