@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before jax is imported), fp32 matmuls, shared tiny fixtures."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -12,6 +13,16 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from v4jax import config, model  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. Each XLA:CPU executable maps its own code pages (a
+    tiny model's forward about 650 mappings); one process compiling the whole suite's programs reached the kernel's
+    per-process limit (vm.max_map_count, 65530 here), where XLA aborts mid-test."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
