@@ -26,26 +26,20 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from v4jax.bench import Progress, _say
 from v4jax.training import data, optimizer, step
 from v4jax.training.config import RunConfig
 
-Progress = Callable[[str], None] | None
 _CONTAINERS = (" while(", " conditional(", " call(")  # ops whose time is their bodies' (counted there)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _WRAPPER = re.compile(r"(?:jvp|transpose|vmap|remat|checkpoint|pjit|jit)\(([^()]*)\)")
 _NOISE = ("while/body/", "while/cond/", "closed_call/", "cond/branch_0_fun/", "cond/branch_1_fun/")
-
-
-def _say(progress: Progress, message: str) -> None:
-    if progress:
-        progress(message)
 
 
 @dataclasses.dataclass
@@ -57,6 +51,7 @@ class Prepared:
     state: object
     batch: dict
     compile_s: float
+    loss: float = float("nan")  # the last step's
 
     def step(self) -> float:
         """One step (the state advances); its wall seconds."""
