@@ -30,6 +30,17 @@ def test_greedy_is_argmax_whatever_the_filters():
     np.testing.assert_array_equal(out, np.argmax(logits, axis=-1))
 
 
+def test_greedy_matches_argmax_on_ties_infinities_and_nans():
+    rows = np.array([[0.0, 3.0, 3.0, 1.0, 3.0],          # ties: the first
+                     [-np.inf] * 5,                         # all -inf: index 0
+                     [1.0, np.nan, 5.0, np.nan, 2.0],       # a NaN wins, the first one
+                     [np.inf, 1.0, np.inf, 0.0, -1.0],
+                     [-2.0, -1.0, -3.0, -1.5, -7.0]], np.float32)
+    for logits in (rows, np.asarray(jax.random.normal(jax.random.key(1), (3, 129_280))), rows[2]):
+        np.testing.assert_array_equal(sampling.greedy_jit(logits), np.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(sampling.greedy_jit(rows), [1, 0, 1, 0, 1])
+
+
 def test_temperature_to_zero_is_greedy():
     logits = np.asarray(jax.random.normal(jax.random.key(1), (64,)) * 2)
     for temperature in (1e-4, 1e-7, 1e-30):

@@ -22,6 +22,7 @@ from v4jax.bench import Progress, _say
 from v4jax.config import ModelConfig
 from v4jax.serving import cache as cache_lib
 from v4jax.serving import decode as steps_lib
+from v4jax.serving.sampling import greedy_jit
 
 
 def _prompt(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -40,7 +41,7 @@ def _run(cfg, params, batch, context, prompt, steps, chunk):
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        logits, cache = steps_lib.decode_step(cfg, params, cache, np.asarray(logits.argmax(-1)), active)
+        logits, cache = steps_lib.decode_step(cfg, params, cache, np.asarray(greedy_jit(logits)), active)
         jax.block_until_ready(logits)
         times.append(time.perf_counter() - start)
     return prefill_s, times, cache
@@ -123,7 +124,7 @@ def _generate(cfg, params, prompt, context, new_tokens) -> list[int]:
                                       chunk=prompt.shape[1])
     out = []
     for _ in range(new_tokens):
-        token = np.asarray(logits.argmax(-1))
+        token = np.asarray(greedy_jit(logits))
         out.append(int(token[0]))
         logits, cache = steps_lib.decode_step(cfg, params, cache, token, np.ones(1, bool))
     return out

@@ -119,12 +119,18 @@ def split_prefill_length(cfg: ModelConfig, tokens: int, shards: int, chunk: int)
     return math.ceil(max(tokens, shards * halo) / step) * step
 
 
-def decode_step(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, active) -> tuple[jax.Array, Cache]:
-    """One token per row: tokens int32 [b], active bool [b] (inactive rows are left as they are) -> logits
-    float32 [b, vocab] and the cache (donated). The caller keeps rows within `cache.max_len`."""
-    counts = jnp.asarray(active, jnp.int32)
-    logits, cache = _extend_jit(cfg, params, cache, jnp.asarray(tokens, jnp.int32)[:, None], counts)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _decode_jit(cfg, params, cache, tokens, active):
+    # One program per step, host arrays in, [b, vocab] out: at batch 1 each extra dispatch (a cast, a slice of
+    # the logits) costs a sizeable share of a millisecond-scale step.
+    logits, cache = _extend(cfg, params, cache, tokens.astype(jnp.int32)[:, None], active.astype(jnp.int32))
     return logits[:, 0], cache
+
+
+def decode_step(cfg: ModelConfig, params: nnx.State, cache: Cache, tokens, active) -> tuple[jax.Array, Cache]:
+    """One token per row: tokens int [b], active bool [b] (inactive rows are left as they are) -> logits
+    float32 [b, vocab] and the cache (donated). The caller keeps rows within `cache.max_len`."""
+    return _decode_jit(cfg, params, cache, tokens, active)
 
 
 def max_len(cache: Cache) -> int:

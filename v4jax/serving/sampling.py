@@ -133,6 +133,16 @@ def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds.astype(jnp.uint32), steps)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """int32 [...] index of the largest of float [..., v] logits, the first on ties, a NaN if any (as
+    `jnp.argmax`). Two plain reductions (max, then the least index holding it) instead of argmax's (value, index)
+    pair reduction, which XLA:CPU runs ~4x slower on a vocabulary-sized row: greedy decoding does one per token."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """int32 [b] next tokens from float [b, v] logits; traceable (call inside a jit) or eager.
@@ -146,11 +156,12 @@ def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: j
     keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps, jnp.int32))
     drawn = jax.vmap(jax.random.categorical)(keys, scaled)  # an index into the sorted order
     sampled = jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0]
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy(logits)).astype(jnp.int32)
 
 
 sample_jit = jax.jit(sample)
+greedy_jit = jax.jit(greedy)
 
 
-__all__ = ["BatchParams", "SamplingParams", "filtered_logits", "row_keys", "sample", "sample_jit"]
+__all__ = ["BatchParams", "SamplingParams", "filtered_logits", "greedy", "greedy_jit", "row_keys", "sample",
+           "sample_jit"]
