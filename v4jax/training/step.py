@@ -148,11 +148,16 @@ def train_step(state: TrainState, batch: Batch, *, run: RunConfig, optimizer: op
         add = functools.partial(jax.tree.map, jnp.add)
         return (add(grads, g), add(metrics, m), None if load is None else load + l), None
 
-    micros = micro_batches(batch, train.grad_accumulation)
-    # One traced gradient (the scan body) however many micro-batches: the carry starts at zeros of its shapes.
-    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros))
-    (_, (metrics, load)), grads = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-    (grads, metrics, load), _ = jax.lax.scan(accumulate, (grads, metrics, load), micros)
+    if train.grad_accumulation == 1:
+        # No loop around a single micro-batch: XLA copies every donated parameter buffer a loop reads (the update
+        # may not overwrite it in place), and the gradient would be added to zeros.
+        (_, (metrics, load)), grads = grad_fn(state.params, batch)
+    else:
+        micros = micro_batches(batch, train.grad_accumulation)
+        # One traced gradient (the scan body) however many micro-batches: the carry starts at zeros of its shapes.
+        shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros))
+        (_, (metrics, load)), grads = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        (grads, metrics, load), _ = jax.lax.scan(accumulate, (grads, metrics, load), micros)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extras = state.extras
