@@ -17,6 +17,10 @@ float32. Unlike there, `attention_impl="fast"`: every V4 layer is windowed, and 
 all 512 x 512 scores of a 128-token window (about 4x the work, plus mask and softmax passes over [b, heads, 512,
 512]), while the banded kernel computes the band: in an interleaved A/B (`profiling.compare`) on a shared
 machine the step took 0.68x the reference kernel's time.
+Attention blocks of 64 queries (a 64-query block reads 64 + 128 band keys where a 128-query block reads 128 + 128):
+0.96x the step time of 128 in an interleaved A/B (`python -m train.bench compare`, 6 steps each). The head and the
+cross-entropy are not fused (`loss_chunk=0`): at an 8K vocabulary the [b, t, vocab] logits are 67 MB, and the fused
+path's backward recomputes them (a third more head FLOPs); unfused took 0.95x the step time, interleaved (5 steps).
 Batch 4 x 512 (2,048 tokens, 525 GFLOP of model FLOPs per step): on a shared 2-core machine the step ran at about
 1.5x the FLOP rate of batch 2 x 512 (not interleaved; likely the per-step costs, the optimizer's among them, spread
 over twice the tokens, and the experts' capacity buffers growing from 160 to 320 rows).
@@ -38,7 +42,7 @@ def model(**overrides):
         max_position_embeddings=4096, moe_intermediate_size=512, n_routed_experts=16, num_experts_per_tok=2,
         n_shared_experts=1, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, first_hash_layers=1,
         swiglu_limit=10.0, hc_mult=4, hc_sinkhorn_iters=20, num_nextn_predict_layers=0, tie_word_embeddings=False,
-        capacity_factor=1.25, moe_impl="einsum", attention_impl="fast", attention_block_size=128, scan_layers=False,
+        capacity_factor=1.25, moe_impl="einsum", attention_impl="fast", attention_block_size=64, scan_layers=False,
         dtype="float32", param_dtype="float32",
     )
     return preset("tiny-v4", **(fields | overrides)).replace(name="bench-v4-1024")
@@ -47,4 +51,4 @@ def model(**overrides):
 def config() -> RunConfig:
     return RunConfig(model(), TrainConfig(optimizer="adamw", learning_rate=1e-4, weight_decay=0.1, steps=20,
                                           batch_size=4, seq_len=512, warmup_steps=2, log_every=1,
-                                          checkpoint_every=0, compute_dtype="float32"))
+                                          checkpoint_every=0, compute_dtype="float32", loss_chunk=0))
