@@ -41,6 +41,20 @@ def test_greedy_matches_argmax_on_ties_infinities_and_nans():
     np.testing.assert_array_equal(sampling.greedy_jit(rows), [1, 0, 1, 0, 1])
 
 
+def test_a_mixed_batch_samples_its_rows_as_an_all_sampled_one():
+    """Greedy rows in a batch with sampled ones (the full path, not the greedy-only shortcut) still take the argmax,
+    and the sampled rows draw what they draw in a batch without greedy rows."""
+    logits = jax.random.normal(jax.random.key(2), (4, 50)) * 2
+    sampled = [SamplingParams(temperature=1.0, seed=s) for s in range(4)]
+    mixed = [SamplingParams(temperature=0.0), sampled[1], SamplingParams(temperature=0.0), sampled[3]]
+    steps = [7, 7, 7, 7]
+    all_sampled = np.asarray(sampling.sample_jit(logits, *sampling.BatchParams.of(sampled, steps).arrays()))
+    out = np.asarray(sampling.sample_jit(logits, *sampling.BatchParams.of(mixed, steps).arrays()))
+    argmax = np.argmax(np.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(out[[0, 2]], argmax[[0, 2]])
+    np.testing.assert_array_equal(out[[1, 3]], all_sampled[[1, 3]])
+
+
 def test_temperature_to_zero_is_greedy():
     logits = np.asarray(jax.random.normal(jax.random.key(1), (64,)) * 2)
     for temperature in (1e-4, 1e-7, 1e-30):

@@ -151,12 +151,18 @@ def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: j
     with their own key `fold_in(key(seeds[i]), steps[i])`.
     """
     temperature = jnp.asarray(temperature, jnp.float32)
-    scaled, order = filtered_logits(logits, temperature, jnp.asarray(top_k, jnp.int32),
-                                    jnp.asarray(top_p, jnp.float32))
-    keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps, jnp.int32))
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)  # an index into the sorted order
-    sampled = jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy(logits)).astype(jnp.int32)
+    greedy_tokens = greedy(logits)
+
+    def draw(_):
+        scaled, order = filtered_logits(logits, temperature, jnp.asarray(top_k, jnp.int32),
+                                        jnp.asarray(top_p, jnp.float32))
+        keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps, jnp.int32))
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled)  # an index into the sorted order
+        sampled = jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0]
+        return jnp.where(temperature > 0, sampled, greedy_tokens)
+
+    # Sorting the vocabulary is most of the work here; a batch of greedy rows only (the common serving case) skips it.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy_tokens, None).astype(jnp.int32)
 
 
 sample_jit = jax.jit(sample)
