@@ -55,6 +55,30 @@ def test_a_mixed_batch_samples_its_rows_as_an_all_sampled_one():
     np.testing.assert_array_equal(out[[1, 3]], all_sampled[[1, 3]])
 
 
+def test_top_k_rows_draw_the_top_k_distribution_whatever_their_batch_mates():
+    """Rows with 0 < top_k <= TOP_K_SORT_LIMIT draw from a `lax.top_k` short list, rows without filters from the
+    unsorted logits, the others from a vocabulary sort: on a vocabulary longer than the limit top-k rows keep the
+    top-k distribution, and each row's tokens are the same whatever way its batch-mates take."""
+    vocab = 3 * sampling.TOP_K_SORT_LIMIT
+    logits = np.asarray(jax.random.normal(jax.random.key(4), (vocab,)), np.float32) * 3
+    top5 = np.argsort(-logits)[:5]
+    out = draw(logits, temperature=1.0, top_k=5)
+    assert set(out.tolist()) <= set(top5.tolist())
+    expected = np.exp(logits[top5] - logits[top5].max())
+    np.testing.assert_allclose([np.mean(out == t) for t in top5], expected / expected.sum(), atol=0.03)
+
+    batch = np.broadcast_to(logits, (4, vocab))
+    short = [SamplingParams(temperature=1.0, top_k=5, seed=s) for s in range(4)]
+    mixed = short[:2] + [SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=8)]
+    for step in range(5):
+        steps = [step] * 4
+        alone = np.asarray(sampling.sample_jit(batch, *sampling.BatchParams.of(short, steps).arrays()))
+        beside = np.asarray(sampling.sample_jit(batch, *sampling.BatchParams.of(mixed, steps).arrays()))
+        plain = np.asarray(sampling.sample_jit(batch, *sampling.BatchParams.of([mixed[2]] * 4, steps).arrays()))
+        np.testing.assert_array_equal(alone[:2], beside[:2])
+        assert beside[2] == plain[0]
+
+
 def test_temperature_to_zero_is_greedy():
     logits = np.asarray(jax.random.normal(jax.random.key(1), (64,)) * 2)
     for temperature in (1e-4, 1e-7, 1e-30):

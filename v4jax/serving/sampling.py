@@ -23,6 +23,7 @@ import numpy as np
 
 SEED_MODULUS = 1 << 32  # seeds are taken modulo 2**32 (a uint32 key seed)
 MIN_TEMPERATURE = 1e-6  # smaller positive temperatures divide by this (keeps logits / T finite; still argmax-like)
+TOP_K_SORT_LIMIT = 1024  # rows with 0 < top_k <= this draw from a top-1024, not from a whole-vocabulary sort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,17 +116,35 @@ def filtered_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
 
     logits float [b, v]; temperature float [b] (> 0 where used); top_k int [b] (0: off); top_p float [b].
     """
-    vocab = logits.shape[-1]
     order = jnp.argsort(-logits.astype(jnp.float32), axis=-1, stable=True)  # most likely first, ties by id
-    scaled = jnp.take_along_axis(logits.astype(jnp.float32), order, axis=-1)
-    scaled = scaled / jnp.maximum(temperature, MIN_TEMPERATURE)[:, None]
-    rank = jnp.arange(vocab)[None, :]
+    values = jnp.take_along_axis(logits.astype(jnp.float32), order, axis=-1)
+    return _filter_sorted(values, temperature, top_k, top_p), order
+
+
+def _top_candidates(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array):
+    """`filtered_logits` over the `TOP_K_SORT_LIMIT` most likely entries only (`lax.top_k`: ties by id, as the
+    stable sort), exact for rows with 0 < top_k <= that many: top-k drops the rest anyway, and top-p works on what
+    top-k leaves."""
+    values, order = jax.lax.top_k(logits.astype(jnp.float32), min(TOP_K_SORT_LIMIT, logits.shape[-1]))
+    return _filter_sorted(values, temperature, top_k, top_p), order
+
+
+def _unfiltered(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array):
+    """For rows with neither filter (top_k 0, top_p 1): logits / temperature in vocabulary order, no sort."""
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, MIN_TEMPERATURE)[:, None]
+    return scaled, jnp.broadcast_to(jnp.arange(logits.shape[-1], dtype=jnp.int32), scaled.shape)
+
+
+def _filter_sorted(values: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """float32 [b, n] logits sorted most likely first -> / temperature, the filtered entries at -inf."""
+    scaled = values / jnp.maximum(temperature, MIN_TEMPERATURE)[:, None]
+    rank = jnp.arange(values.shape[-1])[None, :]
     keep_k = (top_k[:, None] <= 0) | (rank < top_k[:, None])
     scaled = jnp.where(keep_k, scaled, -jnp.inf)
     probs = jax.nn.softmax(scaled, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
     keep_p = (top_p[:, None] >= 1) | (mass_before < top_p[:, None]) | (rank == 0)
-    return jnp.where(keep_p, scaled, -jnp.inf), order
+    return jnp.where(keep_p, scaled, -jnp.inf)
 
 
 def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
@@ -151,18 +170,29 @@ def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: j
     with their own key `fold_in(key(seeds[i]), steps[i])`.
     """
     temperature = jnp.asarray(temperature, jnp.float32)
+    top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
+    keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps, jnp.int32))
     greedy_tokens = greedy(logits)
+    sampled = temperature > 0
+    plain = sampled & (top_k <= 0) & (top_p >= 1)
+    short = sampled & (top_k > 0) & (top_k <= TOP_K_SORT_LIMIT)
+    full = sampled & ~plain & ~short
 
-    def draw(_):
-        scaled, order = filtered_logits(logits, temperature, jnp.asarray(top_k, jnp.int32),
-                                        jnp.asarray(top_p, jnp.float32))
-        keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps, jnp.int32))
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled)  # an index into the sorted order
-        sampled = jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0]
-        return jnp.where(temperature > 0, sampled, greedy_tokens)
+    def draw(candidates):
+        def run(_):
+            scaled, order = candidates(logits, temperature, top_k, top_p)
+            drawn = jax.vmap(jax.random.categorical)(keys, scaled)  # an index into the sorted order
+            return jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return run
 
-    # Sorting the vocabulary is most of the work here; a batch of greedy rows only (the common serving case) skips it.
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy_tokens, None).astype(jnp.int32)
+    # Sorting the vocabulary is most of the work here (~0.25 s for 8 x 129,280 on 2 CPU cores, against ~6 ms for
+    # a top-1024 and none without filters): each way runs only when some row needs it. Which way a row takes
+    # depends on its own settings only, so its tokens do not depend on its batch-mates.
+    tokens = greedy_tokens
+    for rows, candidates in ((plain, _unfiltered), (short, _top_candidates), (full, filtered_logits)):
+        drawn = jax.lax.cond(jnp.any(rows), draw(candidates), lambda _: greedy_tokens, None)
+        tokens = jnp.where(rows, drawn, tokens)
+    return tokens.astype(jnp.int32)
 
 
 sample_jit = jax.jit(sample)
