@@ -181,7 +181,7 @@ def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: j
     def draw(candidates):
         def run(_):
             scaled, order = candidates(logits, temperature, top_k, top_p)
-            drawn = jax.vmap(jax.random.categorical)(keys, scaled)  # an index into the sorted order
+            drawn = jax.vmap(jax.random.categorical)(keys, scaled)  # an index into `order`
             return jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0].astype(jnp.int32)
         return run
 
