@@ -161,4 +161,3 @@ def test_bf16_dtypes_and_gradients():
     leaves = jax.tree.leaves(nnx.state(grads))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
-
