@@ -291,12 +291,14 @@ def test_block_slots_pack_each_group_into_its_own_blocks():
         assert (np.diff(s) == 1).all() and (s.size == 0 or s[0] % block == 0)
 
 
-def test_blocked_equals_capacity_buffers_with_rows_for_other_shards():
+@pytest.mark.parametrize("r", [30, 3], ids=["packed", "row_per_block"])  # 3 rows < 4 groups: decode's in-place way
+def test_blocked_equals_capacity_buffers_with_rows_for_other_shards(r):
     rng = np.random.default_rng(1)
-    g, d, f, r = 4, 8, 16, 30
+    g, d, f = 4, 8, 16
     w = dispatch.FFN(*(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((g, d, f), (g, d, f), (g, f, d))))
     rows = jnp.asarray(rng.standard_normal((r, d)), jnp.float32)
-    row_group = jnp.asarray(rng.integers(0, g + 1, r), jnp.int32)  # group g: another shard's rows
+    # group g: another shard's rows; the few-row case has one, and its groups out of row order
+    row_group = jnp.asarray(rng.integers(0, g + 1, r) if r > g else [2, g, 0], jnp.int32)
 
     def both(w, rows):
         blocked, kept_b = dispatch.blocked(w, rows, row_group, block=3)

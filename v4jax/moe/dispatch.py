@@ -134,6 +134,11 @@ def blocked(w: FFN, rows: jax.Array, row_group: jax.Array, block: int = BLOCK_RO
     capacity buffers compute g * r: on CPU, where ragged_dot is slow, the exact alternative to capacity padding."""
     n_groups = w.gate.shape[0]
     block = max(1, min(block, -(-row_group.size // n_groups)))
+    if block == 1:  # no more rows than groups (decode): every row is its own block, in place; nothing to pack
+        here = row_group < n_groups
+        group = jnp.where(here, row_group, 0)
+        per_row = FFN(w.gate[group], w.up[group], w.down[group], w.limit)
+        return jnp.where(here[:, None], ffn_buffers(per_row, rows[:, None])[:, 0], 0), here
     slot, block_group = block_slots(row_group, n_groups, block)
     n_blocks = block_group.shape[0]
     per_block = FFN(w.gate[block_group], w.up[block_group], w.down[block_group], w.limit)
