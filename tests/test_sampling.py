@@ -56,10 +56,10 @@ def test_a_mixed_batch_samples_its_rows_as_an_all_sampled_one():
 
 
 def test_top_k_rows_draw_the_top_k_distribution_whatever_their_batch_mates():
-    """Rows with 0 < top_k <= TOP_K_SORT_LIMIT draw from a `lax.top_k` short list, rows without filters from the
-    unsorted logits, the others from a vocabulary sort: on a vocabulary longer than the limit top-k rows keep the
-    top-k distribution, and each row's tokens are the same whatever way its batch-mates take."""
-    vocab = 3 * sampling.TOP_K_SORT_LIMIT
+    """Rows with 0 < top_k <= TOP_K_SHORT_LIST draw from a `lax.top_k` short list, rows without filters from the
+    unsorted logits, the others through thresholds (`threshold_filter`): on a vocabulary longer than the list,
+    top-k rows keep the top-k distribution, and each row's tokens are the same whatever way its batch-mates take."""
+    vocab = 3 * sampling.TOP_K_SHORT_LIST
     logits = np.asarray(jax.random.normal(jax.random.key(4), (vocab,)), np.float32) * 3
     top5 = np.argsort(-logits)[:5]
     out = draw(logits, temperature=1.0, top_k=5)
@@ -97,14 +97,64 @@ def test_top_p_keeps_the_smallest_nucleus():
     probs = np.array([0.05, 0.5, 0.15, 0.3], np.float32)  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
     logits = np.log(probs)
     for top_p, nucleus in [(0.4, {1}), (0.75, {1, 3}), (0.9, {1, 3, 2}), (0.99, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})]:
-        scaled, order = sampling.filtered_logits(logits[None], np.ones(1, np.float32), np.zeros(1, np.int32),
-                                                 np.full(1, top_p, np.float32))
-        kept = set(np.asarray(order)[0][np.isfinite(np.asarray(scaled)[0])].tolist())
+        scaled = sampling.threshold_filter(logits[None], np.ones(1, np.float32), np.zeros(1, np.int32),
+                                           np.full(1, top_p, np.float32))
+        kept = set(np.flatnonzero(np.isfinite(np.asarray(scaled)[0])).tolist())
         assert kept == nucleus, (top_p, kept)
         assert set(draw(logits, top_p=top_p).tolist()) == nucleus, top_p
     # inside the nucleus the renormalised probabilities: 0.5 / 0.8 and 0.3 / 0.8
     share = np.mean(draw(logits, top_p=0.75) == 1)
     assert abs(share - 0.625) < 0.04, share
+
+
+def sorted_filter(logits, temperature, top_k, top_p):
+    """The filters' definition on one row, in float64: a stable sort, most likely first, ties by id; top-k keeps
+    the first k, top-p the renormalised survivors before the first whose strictly-more-likely mass reaches p."""
+    order = np.argsort(-logits, kind="stable")
+    scaled = logits[order].astype(np.float64) / max(temperature, sampling.MIN_TEMPERATURE)
+    keep = np.isfinite(scaled) | (np.arange(len(scaled)) == 0)
+    if 0 < top_k < len(scaled):
+        keep[top_k:] = False
+    if top_p < 1:
+        probs = np.where(keep, np.exp(scaled - scaled[0]), 0.0)
+        probs /= probs.sum()
+        keep &= (np.cumsum(probs) - probs < top_p) | (np.arange(len(scaled)) == 0)
+    kept = np.zeros(len(scaled), bool)
+    kept[order] = keep
+    return kept
+
+
+@pytest.mark.parametrize("kind", ["spread", "ties", "minus_inf"])
+def test_threshold_filter_keeps_what_a_sort_keeps(kind):
+    """The bisection filters against the sort-based definition, on rows with many equal logits (ties at the
+    threshold are kept in id order) and with -inf entries, for top-k beyond the short-list limit too."""
+    rng = np.random.default_rng(["spread", "ties", "minus_inf"].index(kind))
+    checked = 0
+    for vocab in (7, 300, 5_000):
+        logits = rng.standard_normal((12, vocab)).astype(np.float32) * rng.choice([0.5, 3.0, 10.0], (12, 1))
+        if kind == "ties":
+            logits = np.round(logits)
+        if kind == "minus_inf":
+            logits[:, ::3] = -np.inf
+        temperature = rng.choice([0.5, 1.0, 2.0], 12).astype(np.float32)
+        top_k = rng.choice([0, 1, 3, vocab // 2, vocab, vocab + 5], 12).astype(np.int32)
+        top_p = rng.choice([1.0, 0.3, 0.5, 0.9, 0.99, 1e-3], 12).astype(np.float32)
+        scaled = np.asarray(jax.jit(sampling.threshold_filter)(logits, temperature, top_k, top_p))
+        for row in range(12):
+            want = sorted_filter(logits[row], temperature[row], top_k[row], top_p[row]) & np.isfinite(logits[row])
+            np.testing.assert_array_equal(np.isfinite(scaled[row]), want, err_msg=f"row {row} of {vocab}")
+            np.testing.assert_allclose(scaled[row][want], logits[row][want] / temperature[row], rtol=1e-6)
+            checked += want.sum() < want.size  # rows where something was filtered
+    assert checked > 12
+
+
+def test_draw_follows_the_weights_and_never_takes_minus_inf():
+    logits = np.array([np.log(0.1), -np.inf, np.log(0.6), -np.inf, np.log(0.3)], np.float32)
+    keys = jax.random.split(jax.random.key(5), DRAWS)
+    out = np.asarray(jax.jit(sampling.draw)(keys, np.broadcast_to(logits, (DRAWS, 5))))
+    counts = np.bincount(out, minlength=5) / DRAWS
+    assert counts[1] == counts[3] == 0
+    np.testing.assert_allclose(counts, [0.1, 0.0, 0.6, 0.0, 0.3], atol=0.03)
 
 
 def test_top_k_then_top_p():
