@@ -69,7 +69,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from v4jax import host
-
-    host.keep_freed_memory()  # a process-wide allocator setting: for this process, not for callers of main()
     sys.exit(main())

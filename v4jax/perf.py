@@ -20,8 +20,7 @@ this process unless said otherwise:
 - transformers' `DeepseekV4ForCausalLM` (eager attention, float32, torch threads = CPU cores) on the SAME random
   weights (`model.init(cfg, key(0))`, what the train step starts from, exported with `v4jax.hf.save`) and the SAME
   token ids (numpy seeds `FORWARD_SEED`, `PROMPT_SEED`), in a fresh `python -c` subprocess of this interpreter
-  that imports no JAX (measured next to a live JAX runtime, torch ran 10-15x slower than alone) and runs under this
-  process's malloc setting (`host.child_environment`): forward (no grad,
+  that imports no JAX (measured next to a live JAX runtime, torch ran 10-15x slower than alone): forward (no grad,
   no cache) and train step (AdamW) tokens/s at the same batch, and greedy decode ms/token at batch 1 measured as
   `../shared/peers/hf_bench.py` does: (generate(new) - generate(1)) / (new - 1). A failed child is recorded as
   {"skipped": reason, with its last stderr lines};
@@ -54,7 +53,7 @@ from pathlib import Path
 
 import jax
 
-from v4jax import bench, cost, hf, host, model, perf_sparse, profiling
+from v4jax import bench, cost, hf, model, perf_sparse, profiling
 from v4jax.serving import bench as serving_bench
 from v4jax.training import bench as train_bench
 from v4jax.training import metrics, overrides
@@ -271,7 +270,7 @@ def transformers_peer(run: RunConfig, params, *, repeats: int, prompt: int, new_
         command = [sys.executable, "-c", _peer_source(), json.dumps(spec)]
         started = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 cwd=tempfile.gettempdir(), env=host.child_environment())
+                                 cwd=tempfile.gettempdir())
         out_lines: list[str] = []
         err_lines: list[str] = []
 
