@@ -309,4 +309,5 @@ def test_blocked_equals_capacity_buffers_with_rows_for_other_shards(r):
     blocked, kept_b, buffers, kept = jax.jit(both)(w, rows)
     np.testing.assert_array_equal(kept_b, kept)
     np.testing.assert_allclose(blocked, buffers, rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(blocked)[np.asarray(kept)]).min() > 0 and (np.asarray(blocked)[~np.asarray(kept)] == 0).all()
+    blocked, kept = np.asarray(blocked), np.asarray(kept)
+    assert np.abs(blocked[kept]).min() > 0 and (blocked[~kept] == 0).all()

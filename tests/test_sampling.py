@@ -79,6 +79,22 @@ def test_top_k_rows_draw_the_top_k_distribution_whatever_their_batch_mates():
         assert beside[2] == plain[0]
 
 
+def test_rows_past_one_block_sample_as_they_would_alone():
+    """A batch of more than `SAMPLE_BLOCK` rows is sampled a block at a time, its last block overlapping the one
+    before: every row, whatever its way and its block, draws the token it draws as a batch of one."""
+    rows = 2 * sampling.SAMPLE_BLOCK + 3
+    logits = np.asarray(jax.random.normal(jax.random.key(6), (rows, 300)), np.float32) * 2
+    settings = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=5),
+                dict(temperature=1.0, top_p=0.7), dict(temperature=1.3, top_k=2_000, top_p=0.9)]
+    params = [SamplingParams(seed=row, **settings[row % len(settings)]) for row in range(rows)]
+    steps = list(range(rows))
+    together = np.asarray(sampling.sample_jit(logits, *sampling.BatchParams.of(params, steps).arrays()))
+    alone = [int(sampling.sample_jit(logits[row:row + 1], *sampling.BatchParams.of([params[row]], [row]).arrays())[0])
+             for row in range(rows)]
+    np.testing.assert_array_equal(together, alone)
+    assert len(set(together.tolist())) > rows // 2  # really drawn, not one token for all
+
+
 def test_temperature_to_zero_is_greedy():
     logits = np.asarray(jax.random.normal(jax.random.key(1), (64,)) * 2)
     for temperature in (1e-4, 1e-7, 1e-30):

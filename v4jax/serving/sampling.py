@@ -28,6 +28,9 @@ import numpy as np
 SEED_MODULUS = 1 << 32  # seeds are taken modulo 2**32 (a uint32 key seed)
 MIN_TEMPERATURE = 1e-6  # smaller positive temperatures divide by this (keeps logits / T finite; still argmax-like)
 TOP_K_SHORT_LIST = 1024  # rows with 0 < top_k <= this draw from a `lax.top_k` list of this many
+# Rows sampled at a time. XLA:CPU maps a program's temporaries afresh on each call once they pass glibc's 32 MiB
+# mmap threshold, and pays a page fault per 4 KiB: 16 rows of a 129K vocabulary took 9 ms where 8 took 0.7.
+SAMPLE_BLOCK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,11 +250,25 @@ def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: j
     """int32 [b] next tokens from float [b, v] logits; traceable (call inside a jit) or eager.
 
     Rows with temperature 0 take the argmax of the raw logits; the others draw from the filtered distribution
-    with their own key `fold_in(key(seeds[i]), steps[i])`.
+    with their own key `fold_in(key(seeds[i]), steps[i])`. More than `SAMPLE_BLOCK` rows are sampled a block at a
+    time (the last block may overlap the one before: each row's token depends on that row alone).
     """
-    temperature = jnp.asarray(temperature, jnp.float32)
-    top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
-    keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps, jnp.int32))
+    rows = (jnp.asarray(logits), jnp.asarray(seeds), jnp.asarray(steps, jnp.int32),
+            jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32))
+    b = rows[0].shape[0]
+    if b <= SAMPLE_BLOCK:
+        return _sample_block(*rows)
+
+    def block(tokens, start):
+        sliced = (jax.lax.dynamic_slice_in_dim(a, start, SAMPLE_BLOCK) for a in rows)
+        return jax.lax.dynamic_update_slice_in_dim(tokens, _sample_block(*sliced), start, 0), None
+
+    starts = jnp.minimum(jnp.arange(0, b, SAMPLE_BLOCK), b - SAMPLE_BLOCK)
+    return jax.lax.scan(block, jnp.zeros(b, jnp.int32), starts)[0]
+
+
+def _sample_block(logits, seeds, steps, temperature, top_k, top_p) -> jax.Array:
+    keys = row_keys(seeds, steps)
     greedy_tokens = greedy(logits)
     sampled = temperature > 0
     plain = sampled & (top_k <= 0) & (top_p >= 1)
