@@ -508,4 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from train import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     sys.exit(main())
