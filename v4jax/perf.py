@@ -502,7 +502,9 @@ def run_all(out_dir: str | os.PathLike, quick: bool = False, progress: Callable[
                 "memory_bandwidth": bandwidth, "bandwidth_measurements": bandwidths,
                 "bandwidth_source": "metrics.measure_memory_bandwidth: float32 triad x = 1.0001 x + y on 2 x 256 "
                                     "MiB buffers, 3 x 256 MiB per call over the median call, best of 3 rounds; "
-                                    "the best of the start and after the decode benchmark"},
+                                    "the best of the start and after the decode benchmark",
+                # the entry points' malloc setting (train/__init__.py), inherited by the transformers subprocess
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "v4jax": {"train": ours,
                   "forward": forward, "decode": decode,
                   "train_1024": trains_1024},
@@ -580,7 +582,8 @@ def markdown(result: dict) -> str:
         f"Performance suite{' (QUICK: shrunk workloads, verdicts meaningless)' if result['quick'] else ''}: "
         f"{w['config']}, {w['pattern']} ({len(w['pattern'])} layers), {w['params']:,} parameters, {w['dtype']}, "
         f"batch {w['batch']} x {w['seq']}; decode at batch 1, {dec['new_tokens']} tokens after a {dec['prompt']}-token "
-        f"prompt. v4jax in one process, transformers in a fresh subprocess; {cpu['cores']} CPU cores.", "",
+        f"prompt. v4jax in one process, transformers in a fresh subprocess; {cpu['cores']} CPU cores; "
+        f"GLIBC_TUNABLES={cpu.get('glibc_tunables') or '(unset)'} for both.", "",
         "| figure | v4jax | peer | ratio | target | result |", "|---|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in rows), "",
         f"- measured in this run: CPU float32 matmul peak {cpu['peak_flops'] / 1e9:.1f} GFLOP/s (best of "
