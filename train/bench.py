@@ -10,6 +10,7 @@
 
     python -m train.bench decode --config tiny-v4 --batch 1,8 --context 1024,8192 [--steps 16] [--chunk 512]
                                  [--no-transformers] [--json out.json]
+    python -m train.bench sample [--batch 1,8,32] [--vocab 129280] [--repeats 20] [--json out.json]
 
     python -m train.bench moe --impl all --tokens 4096,32768 [--mesh data=2,expert=4] [--hidden 512] [--experts 64]
                               [--topk 6] [--width 256] [--capacity-factor 1.25] [--repeats 3] [--budget 15]
@@ -36,6 +37,8 @@ say why); the preset supplies the rest (`v4jax.bench.attention_config`).
 same run (`v4jax.training.bench`).
 `decode`: prefill tokens/s, decode step time and tokens/s and cache bytes per (batch, context), then greedy
 generation against transformers' `generate` on the same random weights (`v4jax.serving.bench`).
+`sample`: the engine's sampler alone, ms per call at each batch for greedy, temperature, top-k, top-p and a top-k
+past the short list (`v4jax.serving.bench.sampling`).
 `moe`: the routed-expert dispatch alone, every `moe_impl` (`--impl all`: dense, einsum, ragged, ep_a2a, ep_ragged,
 ep_psum) at each token count on the mesh (default data=2,expert=4; on CPU the process gets enough fake devices):
 ms per forward and per forward + backward, the ratio to ep_a2a, XLA's per-device temp and total bytes, the dropped
@@ -115,6 +118,12 @@ def _parser():
     dec.add_argument("--chunk", type=int, default=512, help="prefill chunk")
     dec.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     dec.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    smp = commands.add_parser("sample", help="the serving sampler alone: ms per call for each way it samples")
+    smp.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    smp.add_argument("--vocab", type=int, default=129_280, help="logits per row (default V4's 129,280)")
+    smp.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (the median is reported)")
+    smp.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
     trn = commands.add_parser("train", help="train step time, tokens/s and MFU of a run in configs/")
     trn.add_argument("--config", required=True, help="a module in configs/ (bench_cpu, tiny_v4, ...)")
@@ -278,6 +287,19 @@ def _decode(parser, args) -> int:
     versus = None if args.no_transformers else serving_bench.versus_transformers(cfg, progress=bench.stderr_progress)
     print(serving_bench.markdown(result, versus))
     _write_json(args.json, {"decode": result, "versus_transformers": versus})
+    return 0
+
+
+def _sample(parser, args) -> int:
+    from v4jax import bench
+    from v4jax.serving import bench as serving_bench
+
+    batches = _lengths(parser, args.batch, "--batch")
+    if args.vocab < 1 or args.repeats < 1:
+        parser.error(f"--vocab and --repeats must be >= 1, got {args.vocab} and {args.repeats}")
+    result = serving_bench.sampling(batches, args.vocab, repeats=args.repeats, progress=bench.stderr_progress)
+    print(serving_bench.sampling_markdown(result))
+    _write_json(args.json, result)
     return 0
 
 
@@ -482,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         return _profile(parser, args)
     if args.command == "compare":
         return _compare(parser, args)
+    if args.command == "sample":
+        return _sample(parser, args)
     if args.config not in config.PRESETS:
         parser.error(f"unknown preset {args.config!r}; known: {', '.join(sorted(config.PRESETS))}")
     if args.command == "attention":

@@ -2,7 +2,7 @@
 generation against `transformers`' `generate` on the same random tiny model in the same run.
 
 `decode(cfg, batches, contexts)` and `versus_transformers(cfg, ...)` return JSON-able dicts; `markdown(...)`
-renders them. Each (batch, context) gets one warm-up (compiles the prefill chunk and the decode step for that cache
+renders them. `sampling(batches, vocab)` times the engine's sampler alone (`sampling_markdown` renders it). Each (batch, context) gets one warm-up (compiles the prefill chunk and the decode step for that cache
 shape), then a timed prefill of `context - steps` prompt tokens and `steps` timed decode steps, whose median is
 the step time: the cache is full to about `context` while it decodes. Timings on shared machines are noisy; compare
 ratios within one run.
@@ -22,6 +22,7 @@ from v4jax.bench import Progress, _say
 from v4jax.config import ModelConfig
 from v4jax.serving import cache as cache_lib
 from v4jax.serving import decode as steps_lib
+from v4jax.serving import sampling as sampling_lib
 from v4jax.serving.sampling import greedy_jit
 
 
@@ -147,4 +148,50 @@ def markdown(result: dict, versus: dict | None = None) -> str:
                      f"{versus['prompt_len']}, {versus['new_tokens']} new tokens, greedy): transformers "
                      f"{versus['transformers_s']:.2f} s, v4jax {versus['v4jax_s']:.2f} s -> "
                      f"x{versus['speedup']:.1f}; the two agree on the first {versus['tokens_agree_for']} tokens")
+    return "\n".join(lines)
+
+
+# The sampler's settings per benchmark column: (temperature, top_k, top_p). Each exercises one way of
+# `sampling.sample`: greedy, unfiltered, the top-k short list, the thresholds (top-p alone, a top-k past the list).
+SAMPLING_MODES = {"greedy": (0.0, 0, 1.0), "temperature 0.7": (0.7, 0, 1.0), "top-k 50": (0.7, 50, 1.0),
+                  "top-k 50, top-p 0.9": (0.7, 50, 0.9), "top-p 0.9": (0.7, 0, 0.9), "top-k 2000": (0.7, 2000, 1.0)}
+
+
+def sampling(batches, vocab: int, repeats: int = 20, progress: Progress = None) -> dict:
+    """ms per `sampling.sample_jit` call on float32 [batch, vocab] logits (normal x 3, seeded) for every batch and
+    `SAMPLING_MODES` entry: the median of `repeats` calls after three warm-up calls (compile, first touch). Checks on
+    the way that greedy rows are the argmax and every token lies in the vocabulary (RuntimeError otherwise)."""
+    rows = []
+    for batch in batches:
+        logits = jax.device_put(np.random.default_rng(batch).standard_normal((batch, vocab)).astype(np.float32) * 3)
+        seeds, steps = np.arange(batch, dtype=np.uint32), np.zeros(batch, np.int32)
+        row = {"batch": batch, "vocab": vocab, "ms": {}}
+        for mode, (temperature, top_k, top_p) in SAMPLING_MODES.items():
+            _say(progress, f"sampler: batch {batch}, {mode} ({repeats} calls)...")
+            settings = (np.full(batch, temperature, np.float32), np.full(batch, top_k, np.int32),
+                        np.full(batch, top_p, np.float32))
+            call = lambda: jax.block_until_ready(sampling_lib.sample_jit(logits, seeds, steps, *settings))
+            tokens = np.asarray(call())
+            for _ in range(2):
+                call()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            if not ((tokens >= 0) & (tokens < vocab)).all() or (
+                    temperature == 0 and not (tokens == np.argmax(np.asarray(logits), -1)).all()):
+                raise RuntimeError(f"sampler bench: wrong tokens for {mode} at batch {batch}: {tokens.tolist()}")
+            row["ms"][mode] = 1e3 * statistics.median(times)
+        rows.append(row)
+    return {"vocab": vocab, "repeats": repeats, "modes": list(SAMPLING_MODES), "rows": rows}
+
+
+def sampling_markdown(result: dict) -> str:
+    modes = result["modes"]
+    lines = [f"`sampling.sample` on float32 logits of {result['vocab']:,} entries per row, ms per call (median of "
+             f"{result['repeats']}; every row of a call with the same settings; temperature 0.7 where sampled).", "",
+             "| batch | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | " + " | ".join(f"{r['ms'][m]:.2f}" for m in modes) + " |")
     return "\n".join(lines)
