@@ -2,10 +2,11 @@
 generation against `transformers`' `generate` on the same random tiny model in the same run.
 
 `decode(cfg, batches, contexts)` and `versus_transformers(cfg, ...)` return JSON-able dicts; `markdown(...)`
-renders them. `sampling(batches, vocab)` times the engine's sampler alone (`sampling_markdown` renders it). Each (batch, context) gets one warm-up (compiles the prefill chunk and the decode step for that cache
-shape), then a timed prefill of `context - steps` prompt tokens and `steps` timed decode steps, whose median is
-the step time: the cache is full to about `context` while it decodes. Timings on shared machines are noisy; compare
-ratios within one run.
+renders them. Each (batch, context) gets one warm-up (compiles the prefill chunk and the decode step for that
+cache shape), then a timed prefill of `context - steps` prompt tokens and `steps` timed decode steps, whose median
+is the step time: the cache is full to about `context` while it decodes. `sampling(batches, vocab)` times the
+engine's sampler alone (`sampling_markdown` renders it). Timings on shared machines are noisy; compare ratios
+within one run.
 """
 
 from __future__ import annotations
