@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from v4jax import hf, model
-from v4jax.bench import Progress, _say
+from v4jax.bench import Progress, _say, median_seconds
 from v4jax.config import ModelConfig
 from v4jax.serving import cache as cache_lib
 from v4jax.serving import decode as steps_lib
@@ -173,17 +173,11 @@ def sampling(batches, vocab: int, repeats: int = 20, progress: Progress = None) 
                         np.full(batch, top_p, np.float32))
             call = lambda: jax.block_until_ready(sampling_lib.sample_jit(logits, seeds, steps, *settings))
             tokens = np.asarray(call())
-            for _ in range(2):
-                call()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
+            call()
+            row["ms"][mode] = 1e3 * median_seconds(call, repeats=repeats)  # after a third warm-up call
             if not ((tokens >= 0) & (tokens < vocab)).all() or (
                     temperature == 0 and not (tokens == np.argmax(np.asarray(logits), -1)).all()):
                 raise RuntimeError(f"sampler bench: wrong tokens for {mode} at batch {batch}: {tokens.tolist()}")
-            row["ms"][mode] = 1e3 * statistics.median(times)
         rows.append(row)
     return {"vocab": vocab, "repeats": repeats, "modes": list(SAMPLING_MODES), "rows": rows}
 
